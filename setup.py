@@ -1,0 +1,18 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ssm_kernels",
+    version="0.1.0",
+    description="Triton selective-scan kernels for Mamba-style SSMs, with muP-SSM width multipliers",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["ssm_kernels", "ssm_kernels.*"]),
+    python_requires=">=3.9",
+    # Pure Python + Triton: no compiler step. torch is not pinned here (CPU and CUDA builds
+    # differ per machine); triton >= 3.2 for tl.flip along any dim, kernels avoid newer features.
+    install_requires=["torch>=2.4", "triton>=3.2"],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "conv": ["causal-conv1d>=1.4"],
+    },
+)

@@ -1,0 +1,130 @@
+"""Input checks shared by every selective-scan backend.
+
+Each check raises a ValueError or TypeError that names the offending argument, so bad
+shapes never reach a kernel (where they would read out of bounds or crash).
+"""
+
+import math
+from typing import Optional
+
+import torch
+
+IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 is accepted by the pure-PyTorch backends ("torch", "ref") for gradient checks.
+ALL_DTYPES = IO_DTYPES + (torch.float64,)
+# Largest d_state the Triton kernels take (the whole state row of a channel lives in registers).
+TRITON_MAX_D_STATE = 256
+
+
+def check_multiplier(name: str, value) -> float:
+    """Turn a multiplier (Python number or 0-dim tensor) into a finite Python float."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{name}: expected a Python float or a 0-dim tensor, got shape {tuple(value.shape)}")
+        if value.requires_grad:
+            raise ValueError(f"{name}: multipliers are constants; no gradient flows to them, "
+                             "so a tensor that requires grad is refused (pass .detach() or a float)")
+        if value.is_complex():
+            raise TypeError(f"{name}: must be real, got {value.dtype}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: must be finite, got {value}")
+    return value
+
+
+def _check_tensor(name: str, t, ndim: int, device: torch.device):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: on {t.device}, but u is on {device}")
+    if t.is_complex():
+        raise TypeError(f"{name}: complex tensors are not supported yet")
+    if t.dtype not in ALL_DTYPES:
+        raise TypeError(f"{name}: unsupported dtype {t.dtype}; expected one of float32, float16, bfloat16, float64")
+
+
+def _check_shape(name: str, t: torch.Tensor, shape: tuple):
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+
+
+def _check_state_matrix(name: str, X, batch: int, dim: int, d_state: int, seqlen: int, device):
+    """B or C: fixed (dim, N), variable (batch, N, L) or grouped (batch, G, N, L).
+    Returns the tensor as (dim, N) or as a (batch, G, N, L) view, and G (0 when fixed)."""
+    if not isinstance(X, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(X).__name__}")
+    if X.dim() not in (2, 3, 4):
+        raise ValueError(f"{name}: expected (dim, N), (batch, N, L) or (batch, G, N, L), got shape {tuple(X.shape)}")
+    _check_tensor(name, X, X.dim(), device)
+    if X.dim() == 2:
+        _check_shape(name, X, (dim, d_state))
+        return X, 0
+    if X.dim() == 3:
+        _check_shape(name, X, (batch, d_state, seqlen))
+        X = X.unsqueeze(1)
+    groups = X.shape[1]
+    if X.shape[0] != batch or X.shape[2:] != (d_state, seqlen) or groups < 1:
+        raise ValueError(f"{name}: expected shape (batch={batch}, G, N={d_state}, L={seqlen}), got {tuple(X.shape)}")
+    if dim % groups != 0:
+        raise ValueError(f"{name}: dim={dim} is not divisible by the number of groups G={groups}")
+    return X, groups
+
+
+def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None,
+                 *, backend: Optional[str] = None):
+    """Validate the selective-scan arguments.
+
+    Returns (B, C, groups): B and C as (dim, N) when fixed or (batch, G, N, L) views when
+    variable (a 3-dim (batch, N, L) tensor becomes G = 1), and the common group count
+    (1 when both are fixed).
+    """
+    if not isinstance(u, torch.Tensor):
+        raise TypeError(f"u: expected a torch.Tensor, got {type(u).__name__}")
+    device = u.device
+    _check_tensor("u", u, 3, device)
+    batch, dim, seqlen = u.shape
+    if batch < 1 or dim < 1 or seqlen < 1:
+        raise ValueError(f"u: every size must be at least 1, got shape {tuple(u.shape)}")
+    _check_tensor("delta", delta, 3, device)
+    _check_shape("delta", delta, tuple(u.shape))
+    if delta.dtype != u.dtype:
+        raise TypeError(f"delta: dtype {delta.dtype} differs from u's {u.dtype}")
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"A: expected a torch.Tensor, got {type(A).__name__}")
+    if A.is_complex():
+        raise TypeError("A: complex A is not supported yet (only real A, as in Mamba-1's S4D-real init)")
+    _check_tensor("A", A, 2, device)
+    if A.shape[0] != dim or A.shape[1] < 1:
+        raise ValueError(f"A: expected shape (dim={dim}, N), got {tuple(A.shape)}")
+    d_state = A.shape[1]
+    B, groups_b = _check_state_matrix("B", B, batch, dim, d_state, seqlen, device)
+    C, groups_c = _check_state_matrix("C", C, batch, dim, d_state, seqlen, device)
+    if groups_b and groups_c and groups_b != groups_c:
+        raise ValueError(f"C: has {groups_c} groups but B has {groups_b}; variable B and C must share G")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None:
+            _check_tensor(name, t, 1, device)
+            _check_shape(name, t, (dim,))
+    if z is not None:
+        _check_tensor("z", z, 3, device)
+        _check_shape("z", z, tuple(u.shape))
+        if z.dtype != u.dtype:
+            raise TypeError(f"z: dtype {z.dtype} differs from u's {u.dtype}")
+    if initial_state is not None:
+        _check_tensor("initial_state", initial_state, 3, device)
+        _check_shape("initial_state", initial_state, (batch, dim, d_state))
+    if backend == "triton":
+        tensors = dict(u=u, A=A, B=B, C=C, D=D, delta_bias=delta_bias, initial_state=initial_state)
+        for name, t in tensors.items():
+            if t is not None and t.dtype == torch.float64:
+                raise TypeError(f"{name}: float64 is supported by the 'torch' and 'ref' backends only; "
+                                "the Triton kernels take float32, float16 or bfloat16")
+        if d_state > TRITON_MAX_D_STATE:
+            raise ValueError(f"A: d_state={d_state} exceeds the Triton kernels' limit of {TRITON_MAX_D_STATE}; "
+                             "use backend='torch'")
+    return B, C, max(groups_b, groups_c, 1)

@@ -1,0 +1,207 @@
+"""Chunked, vectorized selective scan in plain PyTorch: the "torch" backend.
+
+The same algorithm as the Triton kernels in chunk.py, written with tensor ops so it runs on
+any device and doubles as a readable model of the kernels:
+
+- the sequence is cut into chunks of `chunk_size` steps; within a chunk the recurrence
+  h_t = a_t * h_{t-1} + x_t (a_t = exp(dt_t * A), x_t = dt_t * B_t * u_t) is a log-step
+  (Hillis-Steele) scan along time, vectorized over batch, channels and states;
+- the state entering each chunk is saved, (batch, dim, n_chunks, N), and nothing larger;
+- the backward walks the chunks in reverse, recomputes the chunk's states from the saved
+  one and runs the adjoint recurrence g_t = a_{t+1} * g_{t+1} + dL/dh_t as a reverse scan.
+
+Tensors are handled as (batch, G, channels per group, [N,] T) so grouped B and C broadcast
+over the channels of their group without being copied per channel.
+"""
+
+import torch
+
+CHUNK_SIZE = 64
+
+
+def linear_scan(a: torch.Tensor, x: torch.Tensor, reverse: bool = False):
+    """Inclusive scan of h_t = a_t * h_{t-1} + x_t along the last dim, from h = 0.
+
+    With reverse=True, the suffix recurrence h_t = a_t * h_{t+1} + x_t instead.
+    Returns (products of a over each prefix or suffix, h). Only multiplies decays, never
+    divides, so it is as stable as the sequential loop.
+    """
+    k, T = 1, a.shape[-1]
+    while k < T:
+        if reverse:
+            x = torch.cat([x[..., :-k] + a[..., :-k] * x[..., k:], x[..., -k:]], dim=-1)
+            a = torch.cat([a[..., :-k] * a[..., k:], a[..., -k:]], dim=-1)
+        else:
+            x = torch.cat([x[..., :k], x[..., k:] + a[..., k:] * x[..., :-k]], dim=-1)
+            a = torch.cat([a[..., :k], a[..., k:] * a[..., :-k]], dim=-1)
+        k *= 2
+    return a, x
+
+
+def compute_dtype(*tensors) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+class _Layout:
+    """Views of the inputs in (batch, G, channels per group, ...) form, in the compute dtype."""
+
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, groups, acc):
+        batch, dim, seqlen = u.shape
+        self.batch, self.dim, self.seqlen, self.groups = batch, dim, seqlen, groups
+        self.d_state = A.shape[1]
+        grouped = (batch, groups, dim // groups)
+        self.u = u.reshape(*grouped, seqlen)
+        self.delta = delta.reshape(*grouped, seqlen)
+        self.z = None if z is None else z.reshape(*grouped, seqlen)
+        self.A = A.to(acc).reshape(1, *grouped[1:], self.d_state, 1)
+        self.D = None if D is None else D.to(acc).reshape(1, *grouped[1:], 1)
+        self.bias = None if delta_bias is None else delta_bias.to(acc).reshape(1, *grouped[1:], 1)
+        self.B_fixed, self.C_fixed = B.dim() == 2, C.dim() == 2
+        self.B, self.C = self._state_matrix(B, acc), self._state_matrix(C, acc)
+        self.acc = acc
+
+    def _state_matrix(self, X, acc):
+        if X.dim() == 2:  # fixed (dim, N) -> (1, G, dpg, N, 1)
+            return X.to(acc).reshape(1, self.groups, self.dim // self.groups, self.d_state, 1)
+        return X.unsqueeze(2)  # (batch, G, 1, N, L); sliced per chunk, then cast
+
+    def chunk(self, X, t0, t1):
+        return X[..., t0:t1].to(self.acc)
+
+    def state_matrix_chunk(self, X, fixed, t0, t1):
+        return X if fixed else X[..., t0:t1].to(self.acc)
+
+    def dt(self, delta_c, softplus: bool, dt_scale: float):
+        """Returns (dt, d dt / d pre-activation) for one chunk."""
+        pre = delta_c * dt_scale
+        if self.bias is not None:
+            pre = pre + self.bias
+        if not softplus:
+            return pre, None
+        dt = torch.where(pre <= 20.0, torch.log1p(torch.exp(torch.clamp(pre, max=20.0))), pre)
+        return dt, torch.where(pre <= 20.0, torch.sigmoid(pre), torch.ones_like(pre))
+
+
+def selective_scan_fwd_torch(u, delta, A, B, C, D, z, delta_bias, initial_state, groups: int,
+                             delta_softplus: bool, dt_scale: float, b_scale: float, c_scale: float,
+                             chunk_size: int = CHUNK_SIZE):
+    """Forward. B, C as returned by check_inputs. Returns (out, last_state, chunk_states)."""
+    acc = compute_dtype(u, A, B, C, initial_state)
+    lay = _Layout(u, delta, A, B, C, D, z, delta_bias, groups, acc)
+    batch, dim, seqlen, N = lay.batch, lay.dim, lay.seqlen, lay.d_state
+    n_chunks = -(-seqlen // chunk_size)
+    states = u.new_empty(batch, dim, n_chunks, N, dtype=acc)
+    out = torch.empty_like(u, memory_format=torch.contiguous_format)
+    out_g = out.view(batch, groups, dim // groups, seqlen)
+    h = (initial_state.to(acc).reshape(batch, groups, dim // groups, N).clone() if initial_state is not None
+         else u.new_zeros(batch, groups, dim // groups, N, dtype=acc))
+    for c in range(n_chunks):
+        t0, t1 = c * chunk_size, min((c + 1) * chunk_size, seqlen)
+        states[:, :, c] = h.reshape(batch, dim, N)
+        u_c = lay.chunk(lay.u, t0, t1)
+        dt, _ = lay.dt(lay.chunk(lay.delta, t0, t1), delta_softplus, dt_scale)
+        B_c = lay.state_matrix_chunk(lay.B, lay.B_fixed, t0, t1)
+        C_c = lay.state_matrix_chunk(lay.C, lay.C_fixed, t0, t1)
+        a = torch.exp(dt.unsqueeze(-2) * lay.A)
+        x = (dt * u_c).unsqueeze(-2) * (B_c * b_scale)
+        a_prod, hs = linear_scan(a, x)
+        hs = hs + a_prod * h.unsqueeze(-1)
+        y = (hs * C_c).sum(-2) * c_scale
+        if lay.D is not None:
+            y = y + lay.D * u_c
+        if lay.z is not None:
+            y = y * torch.nn.functional.silu(lay.chunk(lay.z, t0, t1))
+        out_g[..., t0:t1] = y.to(out.dtype)
+        h = hs[..., -1]
+    return out, h.reshape(batch, dim, N), states
+
+
+def selective_scan_bwd_torch(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states,
+                             groups: int, delta_softplus: bool, dt_scale: float, b_scale: float,
+                             c_scale: float, chunk_size: int = CHUNK_SIZE):
+    """Backward from the saved chunk states.
+
+    Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); dD, dz and
+    ddelta_bias are None when D, z or delta_bias is None. dB and dC have the shapes of B and C
+    as given here ((dim, N) or (batch, G, N, L)).
+    """
+    acc = chunk_states.dtype
+    lay = _Layout(u, delta, A, B, C, D, z, delta_bias, groups, acc)
+    batch, dim, seqlen, N = lay.batch, lay.dim, lay.seqlen, lay.d_state
+    dpg = dim // groups
+    n_chunks = chunk_states.shape[2]
+    dout = dout.reshape(batch, groups, dpg, seqlen)
+    du = torch.empty(batch, groups, dpg, seqlen, dtype=u.dtype, device=u.device)
+    ddelta = torch.empty(batch, groups, dpg, seqlen, dtype=delta.dtype, device=u.device)
+    dz = None if z is None else torch.empty(batch, groups, dpg, seqlen, dtype=z.dtype, device=u.device)
+    dA = torch.zeros(groups, dpg, N, dtype=acc, device=u.device)
+    dD = None if D is None else torch.zeros(groups, dpg, dtype=acc, device=u.device)
+    dbias = None if delta_bias is None else torch.zeros(groups, dpg, dtype=acc, device=u.device)
+    dB = (torch.zeros(groups, dpg, N, dtype=acc, device=u.device) if lay.B_fixed
+          else torch.empty(batch, groups, N, seqlen, dtype=acc, device=u.device))
+    dC = (torch.zeros(groups, dpg, N, dtype=acc, device=u.device) if lay.C_fixed
+          else torch.empty(batch, groups, N, seqlen, dtype=acc, device=u.device))
+    # dL/dh at the chunk's last step coming from later steps (and from last_state).
+    dh = (dlast_state.to(acc).reshape(batch, groups, dpg, N) if dlast_state is not None
+          else torch.zeros(batch, groups, dpg, N, dtype=acc, device=u.device))
+
+    def reduce_state_grad(grad, fixed, acc_fixed, t0, t1):
+        # grad: (batch, G, dpg, N, T); fixed B/C sum over batch and time, variable over channels.
+        if fixed:
+            acc_fixed += grad.sum(dim=(0, -1))
+        else:
+            acc_fixed[..., t0:t1] = grad.sum(2)
+
+    for c in reversed(range(n_chunks)):
+        t0, t1 = c * chunk_size, min((c + 1) * chunk_size, seqlen)
+        h_in = chunk_states[:, :, c].reshape(batch, groups, dpg, N)
+        u_c = lay.chunk(lay.u, t0, t1)
+        dt, dsoftplus = lay.dt(lay.chunk(lay.delta, t0, t1), delta_softplus, dt_scale)
+        Bs = lay.state_matrix_chunk(lay.B, lay.B_fixed, t0, t1) * b_scale
+        Cs = lay.state_matrix_chunk(lay.C, lay.C_fixed, t0, t1) * c_scale
+        # Recompute the chunk's states.
+        a = torch.exp(dt.unsqueeze(-2) * lay.A)
+        x = (dt * u_c).unsqueeze(-2) * Bs
+        a_prod, hs = linear_scan(a, x)
+        hs = hs + a_prod * h_in.unsqueeze(-1)
+        # Gating: out = y * silu(z).
+        dout_c = dout[..., t0:t1].to(acc)
+        if lay.z is not None:
+            z_c = lay.chunk(lay.z, t0, t1)
+            y = (hs * Cs).sum(-2)
+            if lay.D is not None:
+                y = y + lay.D * u_c
+            sig = torch.sigmoid(z_c)
+            dz[..., t0:t1] = (dout_c * y * sig * (1 + z_c * (1 - sig))).to(dz.dtype)
+            dy = dout_c * z_c * sig
+        else:
+            dy = dout_c
+        # Adjoint recurrence g_t = a_{t+1} g_{t+1} + Cs_t dy_t, with dh entering at the last step.
+        alpha = torch.cat([a[..., 1:], torch.ones_like(a[..., :1])], dim=-1)
+        alpha_prod, g = linear_scan(alpha, Cs * dy.unsqueeze(-2), reverse=True)
+        g = g + alpha_prod * dh.unsqueeze(-1)
+        reduce_state_grad(g * (dt * u_c).unsqueeze(-2) * b_scale, lay.B_fixed, dB, t0, t1)
+        reduce_state_grad(hs * dy.unsqueeze(-2) * c_scale, lay.C_fixed, dC, t0, t1)
+        du_c = (g * Bs).sum(-2) * dt
+        if lay.D is not None:
+            du_c = du_c + lay.D * dy
+            dD += (dy * u_c).sum(dim=(0, -1))
+        du[..., t0:t1] = du_c.to(du.dtype)
+        decayed = hs - x  # = a_t * h_{t-1}, without dividing by a_t
+        d_dt = (g * (Bs * u_c.unsqueeze(-2) + decayed * lay.A)).sum(-2)
+        dA += (g * decayed * dt.unsqueeze(-2)).sum(dim=(0, -1))
+        d_pre = d_dt if dsoftplus is None else d_dt * dsoftplus
+        ddelta[..., t0:t1] = (d_pre * dt_scale).to(ddelta.dtype)
+        if dbias is not None:
+            dbias += d_pre.sum(dim=(0, -1))
+        dh = g[..., 0] * a[..., 0]  # dL/dh entering this chunk
+
+    def shape_state_grad(grad, fixed, X):
+        return (grad.view(dim, N) if fixed else grad).to(X.dtype)
+
+    return (du.view(batch, dim, seqlen), ddelta.view(batch, dim, seqlen), dA.view(dim, N).to(A.dtype),
+            shape_state_grad(dB, lay.B_fixed, B), shape_state_grad(dC, lay.C_fixed, C),
+            None if D is None else dD.view(dim).to(D.dtype),
+            None if z is None else dz.view(batch, dim, seqlen),
+            None if delta_bias is None else dbias.view(dim).to(delta_bias.dtype),
+            dh.reshape(batch, dim, N))

@@ -1,0 +1,172 @@
+"""Public selective scan: backend choice, torch.library registration and autograd.
+
+The forward and the backward are each one custom op (`ssm_kernels::selective_scan_fwd`,
+`ssm_kernels::selective_scan_bwd`), so `torch.compile(fullgraph=True)` sees an opaque call
+with known output shapes instead of tracing into Triton or a Python loop. The op's `backend`
+argument picks the implementation ("torch": chunk_torch.py, "triton": chunk.py).
+"""
+
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .checks import check_inputs, check_multiplier
+from .chunk_torch import CHUNK_SIZE, compute_dtype, selective_scan_bwd_torch, selective_scan_fwd_torch
+from .naive import selective_scan_ref
+
+BACKENDS = ("triton", "torch", "ref")
+BACKEND_ENV = "SSM_KERNELS_BACKEND"
+DETERMINISTIC_ENV = "SSM_KERNELS_DETERMINISTIC"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: Optional[str], u: Tensor) -> str:
+    """The argument, else $SSM_KERNELS_BACKEND, else "triton" for CUDA tensors and "torch" otherwise."""
+    source = "backend"
+    if backend is None and os.environ.get(BACKEND_ENV):
+        backend, source = os.environ[BACKEND_ENV], BACKEND_ENV
+    if backend is None:
+        return "triton" if u.is_cuda else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"{source}: unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "triton" and not u.is_cuda and not _interpreting():
+        raise ValueError(f"{source}: the 'triton' backend needs CUDA tensors, or TRITON_INTERPRET=1 set "
+                         "before triton is imported to run the kernels on the CPU")
+    return backend
+
+
+def deterministic_mode() -> bool:
+    """$SSM_KERNELS_DETERMINISTIC=1 or torch.use_deterministic_algorithms(True)."""
+    flag = os.environ.get(DETERMINISTIC_ENV, "0").lower() not in ("", "0", "false")
+    return flag or torch.are_deterministic_algorithms_enabled()
+
+
+def chunk_size(backend: str, d_state: int, device: torch.device) -> int:
+    if backend == "torch":
+        return CHUNK_SIZE
+    from .chunk import triton_chunk_size
+    return triton_chunk_size(d_state, device)
+
+
+@torch.library.custom_op("ssm_kernels::selective_scan_fwd", mutates_args=())
+def selective_scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                          z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
+                          groups: int, delta_softplus: bool, dt_scale: float, b_scale: float, c_scale: float,
+                          backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (out, last_state, chunk_states); chunk_states[:, :, c] is the state entering chunk c."""
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus, dt_scale, b_scale, c_scale)
+    if backend == "triton":
+        from .chunk import selective_scan_fwd_triton
+        return selective_scan_fwd_triton(*args)
+    return selective_scan_fwd_torch(*args)
+
+
+@selective_scan_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus, dt_scale, b_scale, c_scale,
+      backend):
+    batch, dim, seqlen = u.shape
+    N = A.shape[1]
+    acc = compute_dtype(u, A, B, C, initial_state) if backend == "torch" else torch.float32
+    n_chunks = -(-seqlen // chunk_size(backend, N, u.device))
+    return (u.new_empty(u.shape), u.new_empty(batch, dim, N, dtype=acc),
+            u.new_empty(batch, dim, n_chunks, N, dtype=acc))
+
+
+@torch.library.custom_op("ssm_kernels::selective_scan_bwd", mutates_args=())
+def selective_scan_bwd_op(dout: Tensor, dlast_state: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor,
+                          B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+                          delta_bias: Optional[Tensor], chunk_states: Tensor, groups: int, delta_softplus: bool,
+                          dt_scale: float, b_scale: float, c_scale: float, backend: str,
+                          deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                        Tensor, Tensor]:
+    """Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); the gradient of an
+    absent optional input is an empty tensor (custom ops cannot return None)."""
+    args = (dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups, delta_softplus,
+            dt_scale, b_scale, c_scale)
+    if backend == "triton":
+        from .chunk import selective_scan_bwd_triton
+        grads = selective_scan_bwd_triton(*args, deterministic=deterministic)
+    else:
+        grads = selective_scan_bwd_torch(*args)
+    return tuple(u.new_empty(0) if g is None else g for g in grads)
+
+
+@selective_scan_bwd_op.register_fake
+def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups, delta_softplus, dt_scale,
+      b_scale, c_scale, backend, deterministic):
+    batch, dim, _ = u.shape
+
+    def like(t):
+        return u.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+    return (like(u), like(delta), like(A), like(B), like(C), like(D), like(z), like(delta_bias),
+            u.new_empty(batch, dim, A.shape[1], dtype=chunk_states.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    (u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus, dt_scale, b_scale, c_scale,
+     backend) = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+    ctx.config = (groups, delta_softplus, dt_scale, b_scale, c_scale, backend)
+    ctx.has_initial_state = initial_state is not None
+    ctx.deterministic = deterministic_mode()
+
+
+def _backward(ctx, dout, dlast_state, _dchunk_states):
+    u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
+    groups, delta_softplus, dt_scale, b_scale, c_scale, backend = ctx.config
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = selective_scan_bwd_op(
+        dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups, delta_softplus,
+        dt_scale, b_scale, c_scale, backend, ctx.deterministic)
+    return (du, ddelta, dA, dB, dC,
+            None if D is None else dD, None if z is None else dz, None if delta_bias is None else dbias,
+            dh0 if ctx.has_initial_state else None,
+            None, None, None, None, None, None)
+
+
+torch.library.register_autograd("ssm_kernels::selective_scan_fwd", _backward, setup_context=_setup_context)
+
+
+def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                      return_last_state=False, *, dt_scale=1.0, b_scale=1.0, c_scale=1.0,
+                      initial_state=None, backend=None):
+    """Selective scan (Mamba-1 / S6), a drop-in replacement for mamba_ssm's `selective_scan_fn`.
+
+    For batch b, channel d, state n and step t:
+        dt_t = dt_scale * delta_t + delta_bias          (then softplus if delta_softplus, threshold 20)
+        h_t  = exp(dt_t * A) * h_{t-1} + dt_t * (b_scale * B_t) * u_t,   h_{-1} = initial_state or 0
+        y_t  = sum_n (c_scale * C_t[n]) * h_t[n] + D * u_t;   out = y * silu(z) when z is given
+
+    Args:
+        u, delta: (batch, dim, L), float32 / float16 / bfloat16 (float64 on the "torch" and "ref" backends).
+        A: (dim, N), real float32.
+        B, C: fixed (dim, N), variable (batch, N, L) or grouped (batch, G, N, L); channel d uses
+            group d // (dim // G).
+        D, delta_bias: (dim,) float32, optional.
+        z: (batch, dim, L) like u, optional.
+        delta_softplus: apply softplus to dt.
+        return_last_state: also return the state after the last step, (batch, dim, N) float32.
+        dt_scale, b_scale, c_scale: width-dependent multipliers (keyword-only; Python floats or
+            0-dim tensors), applied inside the recurrence. 1.0 gives the plain scan.
+        initial_state: (batch, dim, N), optional; gradients flow into it.
+        backend: "triton", "torch" or "ref"; default $SSM_KERNELS_BACKEND, else "triton" for CUDA
+            tensors and "torch" otherwise.
+
+    Returns:
+        out (batch, dim, L) in u's dtype, or (out, last_state) when return_last_state.
+        Gradients flow back through last_state too.
+    """
+    backend = resolve_backend(backend, u)
+    if backend == "ref":
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                  dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale, initial_state=initial_state)
+    B, C, groups = check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, backend=backend)
+    scales = [check_multiplier(name, value) for name, value in
+              (("dt_scale", dt_scale), ("b_scale", b_scale), ("c_scale", c_scale))]
+    out, last_state, _ = selective_scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state, groups,
+                                               bool(delta_softplus), *scales, backend)
+    return (out, last_state) if return_last_state else out
