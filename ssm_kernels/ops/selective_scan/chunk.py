@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils import new_buffer
+
 LOG2E = 1.4426950408889634
 
 
@@ -326,8 +328,10 @@ def selective_scan_bwd_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-# Elements of one [BLOCK_D, BLOCK_N, BT] tile on a GPU: bounds the registers a program needs.
-_TILE_ELEMENTS = 8192
+# Elements of one [BLOCK_D, BLOCK_N, BT] tile: on a GPU this bounds the registers a program
+# needs. Under the interpreter it is small so that even tiny test shapes have several channel
+# blocks per group (partial blocks, cross-block dB/dC sums).
+_TILE_ELEMENTS = {"cuda": 8192, "interpreter": 128}
 
 
 def triton_chunk_size(d_state: int, device: torch.device) -> int:
@@ -343,7 +347,8 @@ def _blocks(d_state: int, dim_per_group: int, device: torch.device):
     """(BLOCK_D, BLOCK_N, BT, blocks per group)."""
     bt = triton_chunk_size(d_state, device)
     block_n = triton.next_power_of_2(d_state)
-    block_d = min(triton.next_power_of_2(dim_per_group), max(1, _TILE_ELEMENTS // (bt * block_n)))
+    budget = _TILE_ELEMENTS["cuda" if device.type == "cuda" else "interpreter"]
+    block_d = min(triton.next_power_of_2(dim_per_group), max(1, budget // (bt * block_n)))
     return block_d, block_n, bt, triton.cdiv(dim_per_group, block_d)
 
 
@@ -364,9 +369,9 @@ def selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, initial_state
     dim_per_group = dim // groups
     BLOCK_D, BLOCK_N, BT, blocks_per_group = _blocks(N, dim_per_group, u.device)
     n_chunks = triton.cdiv(seqlen, BT)
-    out = torch.empty(batch, dim, seqlen, dtype=u.dtype, device=u.device)
-    last_state = torch.empty(batch, dim, N, dtype=torch.float32, device=u.device)
-    states = torch.empty(batch, dim, n_chunks, N, dtype=torch.float32, device=u.device)
+    out = new_buffer(batch, dim, seqlen, dtype=u.dtype, device=u.device)
+    last_state = new_buffer(batch, dim, N, dtype=torch.float32, device=u.device)
+    states = new_buffer(batch, dim, n_chunks, N, dtype=torch.float32, device=u.device)
     grid = (groups * blocks_per_group, batch)
     selective_scan_fwd_kernel[grid](
         u, delta, A, B, C, D, z, delta_bias, initial_state, out, last_state, states,
@@ -399,25 +404,28 @@ def selective_scan_bwd_triton(dout, dlast_state, u, delta, A, B, C, D, z, delta_
     BLOCK_D, BLOCK_N, BT, blocks_per_group = _blocks(N, dim_per_group, u.device)
     n_chunks = chunk_states.shape[2]
     f32 = dict(dtype=torch.float32, device=u.device)
-    du = torch.empty(batch, dim, seqlen, dtype=u.dtype, device=u.device)
-    ddelta = torch.empty(batch, dim, seqlen, dtype=delta.dtype, device=u.device)
-    dz = None if z is None else torch.empty(batch, dim, seqlen, dtype=z.dtype, device=u.device)
-    dA = torch.empty(batch, dim, N, **f32)
-    dh0 = torch.empty(batch, dim, N, **f32)
-    dD = None if D is None else torch.empty(batch, dim, **f32)
-    dbias = None if delta_bias is None else torch.empty(batch, dim, **f32)
+    du = new_buffer(batch, dim, seqlen, dtype=u.dtype, device=u.device)
+    ddelta = new_buffer(batch, dim, seqlen, dtype=delta.dtype, device=u.device)
+    dz = None if z is None else new_buffer(batch, dim, seqlen, dtype=z.dtype, device=u.device)
+    dA = new_buffer(batch, dim, N, **f32)
+    dh0 = new_buffer(batch, dim, N, **f32)
+    dD = None if D is None else new_buffer(batch, dim, **f32)
+    dbias = None if delta_bias is None else new_buffer(batch, dim, **f32)
     use_atomic = blocks_per_group > 1 and not deterministic
 
     def state_matrix_grad(X):
         if X.dim() == 2:
-            return torch.empty(batch, dim, N, **f32)
+            return new_buffer(batch, dim, N, **f32)
         if use_atomic:
             return torch.zeros(1, batch, groups, N, seqlen, **f32)
-        return torch.empty(blocks_per_group, batch, groups, N, seqlen, **f32)
+        return new_buffer(blocks_per_group, batch, groups, N, seqlen, **f32)
     dB, dC = state_matrix_grad(B), state_matrix_grad(C)
 
     def grad_strides(dX, X):
-        return tuple(dX.stride()) if X.dim() == 4 else (0,) * 5
+        if X.dim() == 2:
+            return (0,) * 5
+        # With atomics every block adds into the one slice: block stride 0.
+        return (0 if use_atomic else dX.stride(0),) + tuple(dX.stride()[1:])
 
     grid = (groups * blocks_per_group, batch)
     selective_scan_bwd_kernel[grid](

@@ -16,6 +16,8 @@ over the channels of their group without being copied per channel.
 
 import torch
 
+from ..utils import new_buffer
+
 CHUNK_SIZE = 64
 
 
@@ -90,8 +92,8 @@ def selective_scan_fwd_torch(u, delta, A, B, C, D, z, delta_bias, initial_state,
     lay = _Layout(u, delta, A, B, C, D, z, delta_bias, groups, acc)
     batch, dim, seqlen, N = lay.batch, lay.dim, lay.seqlen, lay.d_state
     n_chunks = -(-seqlen // chunk_size)
-    states = u.new_empty(batch, dim, n_chunks, N, dtype=acc)
-    out = torch.empty_like(u, memory_format=torch.contiguous_format)
+    states = new_buffer(batch, dim, n_chunks, N, dtype=acc, device=u.device)
+    out = new_buffer(batch, dim, seqlen, dtype=u.dtype, device=u.device)
     out_g = out.view(batch, groups, dim // groups, seqlen)
     h = (initial_state.to(acc).reshape(batch, groups, dim // groups, N).clone() if initial_state is not None
          else u.new_zeros(batch, groups, dim // groups, N, dtype=acc))
@@ -131,16 +133,16 @@ def selective_scan_bwd_torch(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
     dpg = dim // groups
     n_chunks = chunk_states.shape[2]
     dout = dout.reshape(batch, groups, dpg, seqlen)
-    du = torch.empty(batch, groups, dpg, seqlen, dtype=u.dtype, device=u.device)
-    ddelta = torch.empty(batch, groups, dpg, seqlen, dtype=delta.dtype, device=u.device)
-    dz = None if z is None else torch.empty(batch, groups, dpg, seqlen, dtype=z.dtype, device=u.device)
+    du = new_buffer(batch, groups, dpg, seqlen, dtype=u.dtype, device=u.device)
+    ddelta = new_buffer(batch, groups, dpg, seqlen, dtype=delta.dtype, device=u.device)
+    dz = None if z is None else new_buffer(batch, groups, dpg, seqlen, dtype=z.dtype, device=u.device)
     dA = torch.zeros(groups, dpg, N, dtype=acc, device=u.device)
     dD = None if D is None else torch.zeros(groups, dpg, dtype=acc, device=u.device)
     dbias = None if delta_bias is None else torch.zeros(groups, dpg, dtype=acc, device=u.device)
     dB = (torch.zeros(groups, dpg, N, dtype=acc, device=u.device) if lay.B_fixed
-          else torch.empty(batch, groups, N, seqlen, dtype=acc, device=u.device))
+          else new_buffer(batch, groups, N, seqlen, dtype=acc, device=u.device))
     dC = (torch.zeros(groups, dpg, N, dtype=acc, device=u.device) if lay.C_fixed
-          else torch.empty(batch, groups, N, seqlen, dtype=acc, device=u.device))
+          else new_buffer(batch, groups, N, seqlen, dtype=acc, device=u.device))
     # dL/dh at the chunk's last step coming from later steps (and from last_state).
     dh = (dlast_state.to(acc).reshape(batch, groups, dpg, N) if dlast_state is not None
           else torch.zeros(batch, groups, dpg, N, dtype=acc, device=u.device))

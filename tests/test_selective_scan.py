@@ -1,0 +1,128 @@
+"""Forward and every gradient of the "torch" and "triton" backends against the float64
+sequential reference (Triton through the interpreter when there is no GPU)."""
+
+import pytest
+import torch
+
+from scan_cases import DEVICE, as_leaves, assert_matches, check_against_reference, make_inputs, run_scan
+from ssm_kernels import selective_scan_fn
+
+BACKENDS = ["torch", "triton"]
+# Everything on: D, z, bias, softplus, grouped B/C, initial_state, last_state, multipliers != 1.
+FULL = dict(delta_softplus=True, return_last_state=True, dt_scale=0.7, b_scale=1.3, c_scale=0.6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seqlen", [1, 7, 63, 64, 65, 200])
+def test_lengths(backend, seqlen):
+    check_against_reference(backend, make_inputs(seqlen=seqlen, seed=seqlen), torch.float32, **FULL)
+
+
+# (id, make_inputs overrides, call overrides)
+FEATURES = [
+    ("plain", dict(B="variable", C="variable", D=False, z=False, bias=False, initial_state=False),
+     dict(delta_softplus=False, return_last_state=False, dt_scale=1.0, b_scale=1.0, c_scale=1.0)),
+    ("fixed-BC", dict(B="fixed", C="fixed"), {}),
+    ("fixed-B-variable-C", dict(B="fixed", C="variable"), {}),
+    ("grouped-B-fixed-C-G3", dict(dim=6, groups=3, B="grouped", C="fixed"), {}),
+    ("variable-BC-odd-dim", dict(dim=5, B="variable", C="variable"), {}),
+    ("grouped-G2-dim10", dict(dim=10, groups=2), {}),
+    ("no-D", dict(D=False), {}),
+    ("no-z", dict(z=False), {}),
+    ("no-bias", dict(bias=False), {}),
+    ("no-softplus", {}, dict(delta_softplus=False)),
+    ("no-initial-state", dict(initial_state=False), {}),
+    ("no-last-state", {}, dict(return_last_state=False)),
+    ("unit-multipliers", {}, dict(dt_scale=1.0, b_scale=1.0, c_scale=1.0)),
+    ("softplus-threshold", dict(big_delta=True), {}),
+    ("N1", dict(d_state=1), {}),
+    ("N16", dict(d_state=16, dim=4, batch=1), {}),
+    ("N256", dict(d_state=256, dim=2, batch=1, seqlen=20), {}),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inputs,call", [pytest.param(i, c, id=name) for name, i, c in FEATURES])
+def test_features(backend, inputs, call):
+    check_against_reference(backend, make_inputs(**inputs), torch.float32, **{**FULL, **call})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bc", ["grouped", "fixed"])
+def test_dmajor_delta(backend, bc):
+    """delta as the non-contiguous (batch, dim, L) view mamba_inner_fn passes."""
+    check_against_reference(backend, make_inputs(B=bc, C=bc), torch.float32, delta_dmajor=True, **FULL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision(backend, dtype):
+    check_against_reference(backend, make_inputs(seqlen=65), dtype, **FULL)
+
+
+@pytest.mark.parametrize("bc", ["grouped", "fixed"])
+def test_torch_backend_float64(bc):
+    check_against_reference("torch", make_inputs(seqlen=65, B=bc, C=bc), torch.float64, **FULL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bc", ["grouped", "fixed"])
+def test_multipliers_equal_scaled_inputs(backend, bc):
+    """dt_scale, b_scale, c_scale inside the kernel == delta, B, C scaled by ordinary tensor ops,
+    forward and every gradient (the scaling's chain rule included)."""
+    scales = dict(dt_scale=0.37, b_scale=2.5, c_scale=0.2)
+    leaves = as_leaves(make_inputs(B=bc, C=bc, seed=3), torch.float32)
+    common = dict(backend=backend, delta_softplus=True, return_last_state=True)
+    fused = run_scan(selective_scan_fn, leaves, **common, **scales)
+
+    def scaled_inputs(u, delta, A, B, C, *rest, **kw):
+        return selective_scan_fn(u, delta * scales["dt_scale"], A, B * scales["b_scale"], C * scales["c_scale"],
+                                 *rest, **kw)
+    separate = run_scan(scaled_inputs, leaves, **common)
+    assert_matches("out", fused[0], separate[0], torch.float32)
+    assert_matches("last_state", fused[1], separate[1], torch.float32)
+    for name in leaves:
+        assert_matches(f"d{name}", fused[2][name], separate[2][name], torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unit_multipliers_are_the_plain_scan(backend):
+    leaves = as_leaves(make_inputs(), torch.float32)
+    plain = run_scan(selective_scan_fn, leaves, backend=backend, return_last_state=True)
+    ones = run_scan(selective_scan_fn, leaves, backend=backend, return_last_state=True,
+                    dt_scale=1.0, b_scale=torch.tensor(1.0), c_scale=1)
+    assert torch.equal(plain[0], ones[0]) and torch.equal(plain[1], ones[1])
+    for name in leaves:
+        assert torch.equal(plain[2][name], ones[2][name]), name
+
+
+def test_ref_backend_is_the_reference():
+    leaves = as_leaves(make_inputs(), torch.float64)
+    from ssm_kernels import selective_scan_ref
+    via_fn = run_scan(selective_scan_fn, leaves, backend="ref", **FULL)
+    direct = run_scan(selective_scan_ref, leaves, **FULL)
+    assert torch.equal(via_fn[0], direct[0]) and torch.equal(via_fn[1], direct[1])
+
+
+def test_default_backend(monkeypatch):
+    from ssm_kernels.ops.selective_scan.interface import resolve_backend
+    u = torch.zeros(1, 1, 1, device=DEVICE)
+    assert resolve_backend(None, u) == ("triton" if DEVICE.type == "cuda" else "torch")
+    monkeypatch.setenv("SSM_KERNELS_BACKEND", "ref")
+    assert resolve_backend(None, u) == "ref"
+    assert resolve_backend("torch", u) == "torch"  # the argument wins over the environment
+
+
+@pytest.mark.parametrize("bc", ["grouped", "fixed"])
+def test_triton_deterministic_mode(monkeypatch, bc):
+    """Deterministic mode: bitwise-identical gradients run to run, equal to the default mode's
+    up to rounding. dim 12 gives several channel blocks per group (the atomic path)."""
+    monkeypatch.setenv("SSM_KERNELS_DETERMINISTIC", "1")
+    leaves = as_leaves(make_inputs(dim=12, B=bc, C=bc, seed=5), torch.float32)
+    first = run_scan(selective_scan_fn, leaves, backend="triton", **FULL)
+    second = run_scan(selective_scan_fn, leaves, backend="triton", **FULL)
+    monkeypatch.delenv("SSM_KERNELS_DETERMINISTIC")
+    default = run_scan(selective_scan_fn, leaves, backend="triton", **FULL)
+    for name in leaves:
+        assert torch.equal(first[2][name], second[2][name]), name
+        assert_matches(f"d{name}", default[2][name], first[2][name], torch.float32)
