@@ -115,7 +115,9 @@ def selective_scan_fwd_torch(u, delta, A, B, C, D, z, delta_bias, initial_state,
             y = y * torch.nn.functional.silu(lay.chunk(lay.z, t0, t1))
         out_g[..., t0:t1] = y.to(out.dtype)
         h = hs[..., -1]
-    return out, h.reshape(batch, dim, N), states
+    last_state = new_buffer(batch, dim, N, dtype=acc, device=u.device)
+    last_state.copy_(h.reshape(batch, dim, N))
+    return out, last_state, states
 
 
 def selective_scan_bwd_torch(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states,

@@ -27,6 +27,8 @@ def _interpreting() -> bool:
 
 def resolve_backend(backend: Optional[str], u: Tensor) -> str:
     """The argument, else $SSM_KERNELS_BACKEND, else "triton" for CUDA tensors and "torch" otherwise."""
+    if not isinstance(u, Tensor):
+        raise TypeError(f"u: expected a torch.Tensor, got {type(u).__name__}")
     source = "backend"
     if backend is None and os.environ.get(BACKEND_ENV):
         backend, source = os.environ[BACKEND_ENV], BACKEND_ENV
