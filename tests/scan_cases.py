@@ -2,12 +2,13 @@
 
 import torch
 
+from ssm_kernels.check import TOLERANCE, relative_error
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
-# Max |actual - reference| / max |reference|, per dtype of the backend's inputs; the reference
-# is the float64 sequential scan on the same (rounded) inputs.
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2}
+# TOLERANCE: max |actual - reference| / max |reference| per dtype of the backend's inputs; the
+# reference is the float64 sequential scan on the same (rounded) inputs.
 
 
 def make_inputs(batch=2, dim=4, seqlen=37, d_state=4, *, B="grouped", C="grouped", groups=2, D=True, z=True,
@@ -87,16 +88,10 @@ def run_scan(fn, leaves, *, delta_dmajor=False, cotangent_seed=1, cotangent_dtyp
     return out, last, grads
 
 
-def relative_error(actual, expected) -> float:
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), "non-finite values (an unwritten NaN-filled element?)"
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-6)).item()
-
-
 def assert_matches(name, actual, expected, dtype):
     err = relative_error(actual, expected)
-    assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.3g} > {TOLERANCE[dtype]:.3g} for {dtype}"
+    assert err <= TOLERANCE[dtype], (f"{name}: relative error {err:.3g} > {TOLERANCE[dtype]:.3g} for {dtype}"
+                                     " (inf: NaN or inf in the result, e.g. an element never written)")
 
 
 def check_against_reference(backend, master, dtype, *, delta_dmajor=False, **kwargs):
