@@ -9,8 +9,10 @@ setup(
     packages=find_packages(include=["ssm_kernels", "ssm_kernels.*"]),
     python_requires=">=3.9",
     # Pure Python + Triton: no compiler step. torch is not pinned here (CPU and CUDA builds
-    # differ per machine); triton >= 3.2 for tl.flip along any dim, kernels avoid newer features.
-    install_requires=["torch>=2.4", "triton>=3.2"],
+    # differ per machine); triton >= 3.2 for tl.flip along any dim, kernels avoid newer features;
+    # numpy because Triton's interpreter (the kernels on the CPU) needs it and triton does not
+    # declare it.
+    install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4"],
         "conv": ["causal-conv1d>=1.4"],
