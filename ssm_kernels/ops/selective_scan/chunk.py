@@ -78,6 +78,65 @@ def _block_setup(pid_db, dim_per_group, blocks_per_group, d_state,
 
 
 @triton.jit
+def _load_channel_params(A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, s_A_d, s_A_n, s_B_0, s_B_1, s_C_0, s_C_1,
+                         s_D, s_bias, b_scale, c_scale, offs_d, mask_d, offs_n, mask_n,
+                         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, B_VARIABLE: tl.constexpr,
+                         C_VARIABLE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The block's per-channel parameters in fp32: A [BLOCK_D, BLOCK_N, 1]; D and delta_bias
+    [BLOCK_D] (0 when absent); fixed B and C [BLOCK_D, BLOCK_N, 1] times their multipliers
+    (unused when variable)."""
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0)
+    Dv = tl.zeros([BLOCK_D], tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d * s_D, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.zeros([BLOCK_D], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d * s_bias, mask=mask_d, other=0.0).to(tl.float32)
+    B_fixed = tl.zeros([BLOCK_D, BLOCK_N, 1], tl.float32)
+    if not B_VARIABLE:
+        B_fixed = tl.load(B_ptr + offs_d[:, None] * s_B_0 + offs_n[None, :] * s_B_1,
+                          mask=mask_dn, other=0.0).to(tl.float32)[:, :, None] * b_scale
+    C_fixed = tl.zeros([BLOCK_D, BLOCK_N, 1], tl.float32)
+    if not C_VARIABLE:
+        C_fixed = tl.load(C_ptr + offs_d[:, None] * s_C_0 + offs_n[None, :] * s_C_1,
+                          mask=mask_dn, other=0.0).to(tl.float32)[:, :, None] * c_scale
+    return A.to(tl.float32)[:, :, None], Dv, bias, B_fixed, C_fixed
+
+
+@triton.jit
+def _chunk_scan(u_ptr, delta_ptr, B_ptr, C_ptr, s_u_b, s_u_d, s_u_l, s_delta_b, s_delta_d, s_delta_l,
+                s_B_0, s_B_1, s_B_2, s_B_3, s_C_0, s_C_1, s_C_2, s_C_3,
+                pid_b, group, offs_d, mask_d, offs_n, mask_n, offs_t, seqlen,
+                A, bias, B_fixed, C_fixed, h_in, dt_scale, b_scale, c_scale,
+                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_VARIABLE: tl.constexpr,
+                C_VARIABLE: tl.constexpr):
+    """One chunk of the recurrence from the state h_in entering it; the forward kernel runs it
+    and the backward recomputes it. Returns the tile mask, u, dt and d dt/d(pre-activation)
+    [BLOCK_D, BT], B and C with their multipliers, and a, x and the states hs after each step
+    [BLOCK_D, BLOCK_N, BT]."""
+    mask_t = offs_t < seqlen
+    mask = mask_d[:, None] & mask_t[None, :]
+    mask_nt = mask_n[:, None] & mask_t[None, :]
+    u = _load_tile(u_ptr, s_u_b, s_u_d, s_u_l, pid_b, offs_d, offs_t, mask)
+    delta = _load_tile(delta_ptr, s_delta_b, s_delta_d, s_delta_l, pid_b, offs_d, offs_t, mask)
+    dt, ddt = _discretize(delta, bias, mask, dt_scale, HAS_BIAS, SOFTPLUS)
+    if B_VARIABLE:
+        Bt = _load_group_tile(B_ptr, s_B_0, s_B_1, s_B_2, s_B_3, pid_b, group, offs_n, offs_t, mask_nt) * b_scale
+    else:
+        Bt = B_fixed
+    if C_VARIABLE:
+        Ct = _load_group_tile(C_ptr, s_C_0, s_C_1, s_C_2, s_C_3, pid_b, group, offs_n, offs_t, mask_nt) * c_scale
+    else:
+        Ct = C_fixed
+    a = tl.exp2(dt[:, None, :] * (A * 1.4426950408889634))  # exp(dt A) = exp2(dt A log2(e))
+    x = (dt * u)[:, None, :] * Bt
+    a_prod, hs = tl.associative_scan((a, x), axis=2, combine_fn=_affine_combine)
+    hs = hs + a_prod * h_in[:, :, None]
+    return mask, u, dt, ddt, Bt, Ct, a, x, hs
+
+
+@triton.jit
 def selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
     out_ptr, last_ptr, states_ptr,
@@ -97,19 +156,9 @@ def selective_scan_fwd_kernel(
     group, offs_d, mask_d, offs_n, mask_n = _block_setup(tl.program_id(0), dim_per_group, blocks_per_group,
                                                          d_state, BLOCK_D, BLOCK_N)
     mask_dn = mask_d[:, None] & mask_n[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
-    A2 = (A * 1.4426950408889634)[:, :, None]  # exp(dt A) = exp2(dt A log2 e)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d * s_D, mask=mask_d, other=0.0).to(tl.float32)
-    bias = tl.zeros([BLOCK_D], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d * s_bias, mask=mask_d, other=0.0).to(tl.float32)
-    if not B_VARIABLE:
-        B_fixed = tl.load(B_ptr + offs_d[:, None] * s_B_0 + offs_n[None, :] * s_B_1,
-                          mask=mask_dn, other=0.0).to(tl.float32)[:, :, None] * b_scale
-    if not C_VARIABLE:
-        C_fixed = tl.load(C_ptr + offs_d[:, None] * s_C_0 + offs_n[None, :] * s_C_1,
-                          mask=mask_dn, other=0.0).to(tl.float32)[:, :, None] * c_scale
+    A, Dv, bias, B_fixed, C_fixed = _load_channel_params(
+        A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, s_A_d, s_A_n, s_B_0, s_B_1, s_C_0, s_C_1, s_D, s_bias,
+        b_scale, c_scale, offs_d, mask_d, offs_n, mask_n, HAS_D, HAS_BIAS, B_VARIABLE, C_VARIABLE, BLOCK_D, BLOCK_N)
     if HAS_H0:
         h = tl.load(h0_ptr + pid_b * s_h0_b + offs_d[:, None] * s_h0_d + offs_n[None, :] * s_h0_n,
                     mask=mask_dn, other=0.0).to(tl.float32)
@@ -121,24 +170,11 @@ def selective_scan_fwd_kernel(
     for c in range(0, n_chunks):
         tl.store(states + c * s_st_c, h, mask=mask_dn)
         offs_t = c * BT + t_idx
-        mask_t = offs_t < seqlen
-        mask = mask_d[:, None] & mask_t[None, :]
-        mask_nt = mask_n[:, None] & mask_t[None, :]
-        u = _load_tile(u_ptr, s_u_b, s_u_d, s_u_l, pid_b, offs_d, offs_t, mask)
-        delta = _load_tile(delta_ptr, s_delta_b, s_delta_d, s_delta_l, pid_b, offs_d, offs_t, mask)
-        dt, _ = _discretize(delta, bias, mask, dt_scale, HAS_BIAS, SOFTPLUS)
-        if B_VARIABLE:
-            Bt = _load_group_tile(B_ptr, s_B_0, s_B_1, s_B_2, s_B_3, pid_b, group, offs_n, offs_t, mask_nt) * b_scale
-        else:
-            Bt = B_fixed
-        if C_VARIABLE:
-            Ct = _load_group_tile(C_ptr, s_C_0, s_C_1, s_C_2, s_C_3, pid_b, group, offs_n, offs_t, mask_nt) * c_scale
-        else:
-            Ct = C_fixed
-        a = tl.exp2(dt[:, None, :] * A2)
-        x = (dt * u)[:, None, :] * Bt
-        a_prod, hs = tl.associative_scan((a, x), axis=2, combine_fn=_affine_combine)
-        hs = hs + a_prod * h[:, :, None]
+        mask, u, _, _, _, Ct, _, _, hs = _chunk_scan(
+            u_ptr, delta_ptr, B_ptr, C_ptr, s_u_b, s_u_d, s_u_l, s_delta_b, s_delta_d, s_delta_l,
+            s_B_0, s_B_1, s_B_2, s_B_3, s_C_0, s_C_1, s_C_2, s_C_3, pid_b, group, offs_d, mask_d, offs_n, mask_n,
+            offs_t, seqlen, A, bias, B_fixed, C_fixed, h, dt_scale, b_scale, c_scale,
+            HAS_BIAS, SOFTPLUS, B_VARIABLE, C_VARIABLE)
         y = tl.sum(hs * Ct, axis=1)
         if HAS_D:
             y += Dv[:, None] * u
@@ -191,20 +227,9 @@ def selective_scan_bwd_kernel(
                                                          d_state, BLOCK_D, BLOCK_N)
     blk = (pid_db % blocks_per_group).to(tl.int64)
     mask_dn = mask_d[:, None] & mask_n[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
-    A3 = A[:, :, None]
-    A2 = A3 * 1.4426950408889634
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d * s_D, mask=mask_d, other=0.0).to(tl.float32)
-    bias = tl.zeros([BLOCK_D], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d * s_bias, mask=mask_d, other=0.0).to(tl.float32)
-    if not B_VARIABLE:
-        B_fixed = tl.load(B_ptr + offs_d[:, None] * s_B_0 + offs_n[None, :] * s_B_1,
-                          mask=mask_dn, other=0.0).to(tl.float32)[:, :, None] * b_scale
-    if not C_VARIABLE:
-        C_fixed = tl.load(C_ptr + offs_d[:, None] * s_C_0 + offs_n[None, :] * s_C_1,
-                          mask=mask_dn, other=0.0).to(tl.float32)[:, :, None] * c_scale
+    A, Dv, bias, B_fixed, C_fixed = _load_channel_params(
+        A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, s_A_d, s_A_n, s_B_0, s_B_1, s_C_0, s_C_1, s_D, s_bias,
+        b_scale, c_scale, offs_d, mask_d, offs_n, mask_n, HAS_D, HAS_BIAS, B_VARIABLE, C_VARIABLE, BLOCK_D, BLOCK_N)
     # dL/dh at the chunk's last step, from the steps after it (initially from last_state).
     if HAS_DLAST:
         dh = tl.load(dlast_ptr + pid_b * s_dlast_b + offs_d[:, None] * s_dlast_d + offs_n[None, :] * s_dlast_n,
@@ -226,25 +251,13 @@ def selective_scan_bwd_kernel(
 
         # Recompute the chunk forward (time ascending).
         offs_t = t0 + t_idx
-        mask_t = offs_t < seqlen
-        mask = mask_d[:, None] & mask_t[None, :]
-        mask_nt = mask_n[:, None] & mask_t[None, :]
-        u = _load_tile(u_ptr, s_u_b, s_u_d, s_u_l, pid_b, offs_d, offs_t, mask)
-        delta = _load_tile(delta_ptr, s_delta_b, s_delta_d, s_delta_l, pid_b, offs_d, offs_t, mask)
-        dt, ddt = _discretize(delta, bias, mask, dt_scale, HAS_BIAS, SOFTPLUS)
-        if B_VARIABLE:
-            Bt = _load_group_tile(B_ptr, s_B_0, s_B_1, s_B_2, s_B_3, pid_b, group, offs_n, offs_t, mask_nt) * b_scale
-        else:
-            Bt = B_fixed
-        if C_VARIABLE:
-            Ct = _load_group_tile(C_ptr, s_C_0, s_C_1, s_C_2, s_C_3, pid_b, group, offs_n, offs_t, mask_nt) * c_scale
-        else:
-            Ct = C_fixed
-        a = tl.exp2(dt[:, None, :] * A2)
+        mask, u, dt, ddt, Bt, Ct, a, x, hs = _chunk_scan(
+            u_ptr, delta_ptr, B_ptr, C_ptr, s_u_b, s_u_d, s_u_l, s_delta_b, s_delta_d, s_delta_l,
+            s_B_0, s_B_1, s_B_2, s_B_3, s_C_0, s_C_1, s_C_2, s_C_3, pid_b, group, offs_d, mask_d, offs_n, mask_n,
+            offs_t, seqlen, A, bias, B_fixed, C_fixed, h_in, dt_scale, b_scale, c_scale,
+            HAS_BIAS, SOFTPLUS, B_VARIABLE, C_VARIABLE)
+        mask_nt = mask_n[:, None] & (offs_t < seqlen)[None, :]
         dtu = dt * u
-        x = dtu[:, None, :] * Bt
-        a_prod, hs = tl.associative_scan((a, x), axis=2, combine_fn=_affine_combine)
-        hs = hs + a_prod * h_in[:, :, None]
 
         dout = _load_tile(dout_ptr, s_dout_b, s_dout_d, s_dout_l, pid_b, offs_d, offs_t, mask)
         if HAS_Z:
@@ -278,7 +291,7 @@ def selective_scan_bwd_kernel(
         mask_next = mask_d[:, None] & ((offs_next < seqlen) & (t_idx > 0))[None, :]
         delta_next = _load_tile(delta_ptr, s_delta_b, s_delta_d, s_delta_l, pid_b, offs_d, offs_next, mask_next)
         dt_next, _ = _discretize(delta_next, bias, mask_next, dt_scale, HAS_BIAS, SOFTPLUS)
-        alpha = tl.exp2(dt_next[:, None, :] * A2)
+        alpha = tl.exp2(dt_next[:, None, :] * (A * 1.4426950408889634))
         alpha_prod, g_r = tl.associative_scan((alpha, Ct_r * dout_r[:, None, :]), axis=2,
                                               combine_fn=_affine_combine)
         g = tl.flip(g_r + alpha_prod * dh[:, :, None], 2)  # dL/dh_t, time ascending
@@ -301,7 +314,7 @@ def selective_scan_bwd_kernel(
         tl.store(du_ptr + pid_b * s_dx_b + offs_d[:, None] * s_dx_d + offs_t[None, :] * s_dx_l,
                  du.to(du_ptr.dtype.element_ty), mask=mask)
         decayed = hs - x  # = a_t h_{t-1}, without dividing by a_t
-        d_dt = tl.sum(g * (Bt * u[:, None, :] + decayed * A3), axis=1)
+        d_dt = tl.sum(g * (Bt * u[:, None, :] + decayed * A), axis=1)
         dA_acc += tl.sum(g * decayed * dt[:, None, :], axis=2)
         d_pre = tl.where(mask, d_dt * ddt, 0.0)
         tl.store(ddelta_ptr + pid_b * s_dx_b + offs_d[:, None] * s_dx_d + offs_t[None, :] * s_dx_l,
