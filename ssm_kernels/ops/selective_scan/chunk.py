@@ -344,7 +344,11 @@ def selective_scan_bwd_kernel(
 # Elements of one [BLOCK_D, BLOCK_N, BT] tile: on a GPU this bounds the registers a program
 # needs. Under the interpreter it is small so that even tiny test shapes have several channel
 # blocks per group (partial blocks, cross-block dB/dC sums).
-_TILE_ELEMENTS = {"cuda": 4096, "interpreter": 128}  # cuda: untuned (issue 4 tunes it)
+_TILE_ELEMENTS = {"cuda": 4096, "interpreter": 128}
+# GPU defaults, not tuned for speed yet: chosen from ptxas' register report for sm_90 (see
+# tests/compile_for_gpu.py), where 8 warps and BLOCK_D <= 16 keep the backward's spills small.
+_CUDA_MAX_BLOCK_D = 16
+_CUDA_NUM_WARPS = 8
 
 
 def triton_chunk_size(d_state: int, device: torch.device) -> int:
@@ -360,9 +364,14 @@ def _blocks(d_state: int, dim_per_group: int, device: torch.device):
     """(BLOCK_D, BLOCK_N, BT, blocks per group)."""
     bt = triton_chunk_size(d_state, device)
     block_n = triton.next_power_of_2(d_state)
-    budget = _TILE_ELEMENTS["cuda" if device.type == "cuda" else "interpreter"]
-    block_d = min(triton.next_power_of_2(dim_per_group), max(1, budget // (bt * block_n)))
+    on_gpu = device.type == "cuda"
+    block_d = max(1, _TILE_ELEMENTS["cuda" if on_gpu else "interpreter"] // (bt * block_n))
+    block_d = min(triton.next_power_of_2(dim_per_group), block_d, _CUDA_MAX_BLOCK_D if on_gpu else block_d)
     return block_d, block_n, bt, triton.cdiv(dim_per_group, block_d)
+
+
+def _num_warps(device: torch.device) -> int:
+    return _CUDA_NUM_WARPS if device.type == "cuda" else 4
 
 
 def _state_matrix_strides(X):
@@ -397,7 +406,7 @@ def selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, initial_state
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_H0=initial_state is not None, SOFTPLUS=delta_softplus,
         B_VARIABLE=B.dim() == 4, C_VARIABLE=C.dim() == 4,
-        BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BT=BT,
+        BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BT=BT, num_warps=_num_warps(u.device),
     )
     return out, last_state, states
 
@@ -454,7 +463,7 @@ def selective_scan_bwd_triton(dout, dlast_state, u, delta, A, B, C, D, z, delta_
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_DLAST=dlast_state is not None, SOFTPLUS=delta_softplus,
         B_VARIABLE=B.dim() == 4, C_VARIABLE=C.dim() == 4, USE_ATOMIC=use_atomic,
-        BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BT=BT,
+        BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BT=BT, num_warps=_num_warps(u.device),
     )
     # Fixed order sums over batch (and channel blocks): deterministic.
     return (du, ddelta, dA.sum(0).to(A.dtype), dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype),
