@@ -83,6 +83,19 @@ class _Layout:
         dt = torch.where(pre <= 20.0, torch.log1p(torch.exp(torch.clamp(pre, max=20.0))), pre)
         return dt, torch.where(pre <= 20.0, torch.sigmoid(pre), torch.ones_like(pre))
 
+    def chunk_scan(self, h_in, t0, t1, softplus: bool, dt_scale: float, b_scale: float, c_scale: float):
+        """Steps t0..t1-1 of the recurrence from the state h_in (batch, G, dpg, N) entering them;
+        the forward runs it, the backward recomputes it. Returns u, dt, d dt/d(pre-activation),
+        B and C times their multipliers, a, x and the states after each step (..., N, T)."""
+        u_c = self.chunk(self.u, t0, t1)
+        dt, dsoftplus = self.dt(self.chunk(self.delta, t0, t1), softplus, dt_scale)
+        Bs = self.state_matrix_chunk(self.B, self.B_fixed, t0, t1) * b_scale
+        Cs = self.state_matrix_chunk(self.C, self.C_fixed, t0, t1) * c_scale
+        a = torch.exp(dt.unsqueeze(-2) * self.A)
+        x = (dt * u_c).unsqueeze(-2) * Bs
+        a_prod, hs = linear_scan(a, x)
+        return u_c, dt, dsoftplus, Bs, Cs, a, x, hs + a_prod * h_in.unsqueeze(-1)
+
 
 def selective_scan_fwd_torch(u, delta, A, B, C, D, z, delta_bias, initial_state, groups: int,
                              delta_softplus: bool, dt_scale: float, b_scale: float, c_scale: float,
@@ -100,15 +113,8 @@ def selective_scan_fwd_torch(u, delta, A, B, C, D, z, delta_bias, initial_state,
     for c in range(n_chunks):
         t0, t1 = c * chunk_size, min((c + 1) * chunk_size, seqlen)
         states[:, :, c] = h.reshape(batch, dim, N)
-        u_c = lay.chunk(lay.u, t0, t1)
-        dt, _ = lay.dt(lay.chunk(lay.delta, t0, t1), delta_softplus, dt_scale)
-        B_c = lay.state_matrix_chunk(lay.B, lay.B_fixed, t0, t1)
-        C_c = lay.state_matrix_chunk(lay.C, lay.C_fixed, t0, t1)
-        a = torch.exp(dt.unsqueeze(-2) * lay.A)
-        x = (dt * u_c).unsqueeze(-2) * (B_c * b_scale)
-        a_prod, hs = linear_scan(a, x)
-        hs = hs + a_prod * h.unsqueeze(-1)
-        y = (hs * C_c).sum(-2) * c_scale
+        u_c, _, _, _, Cs, _, _, hs = lay.chunk_scan(h, t0, t1, delta_softplus, dt_scale, b_scale, c_scale)
+        y = (hs * Cs).sum(-2)
         if lay.D is not None:
             y = y + lay.D * u_c
         if lay.z is not None:
@@ -159,15 +165,8 @@ def selective_scan_bwd_torch(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
     for c in reversed(range(n_chunks)):
         t0, t1 = c * chunk_size, min((c + 1) * chunk_size, seqlen)
         h_in = chunk_states[:, :, c].reshape(batch, groups, dpg, N)
-        u_c = lay.chunk(lay.u, t0, t1)
-        dt, dsoftplus = lay.dt(lay.chunk(lay.delta, t0, t1), delta_softplus, dt_scale)
-        Bs = lay.state_matrix_chunk(lay.B, lay.B_fixed, t0, t1) * b_scale
-        Cs = lay.state_matrix_chunk(lay.C, lay.C_fixed, t0, t1) * c_scale
-        # Recompute the chunk's states.
-        a = torch.exp(dt.unsqueeze(-2) * lay.A)
-        x = (dt * u_c).unsqueeze(-2) * Bs
-        a_prod, hs = linear_scan(a, x)
-        hs = hs + a_prod * h_in.unsqueeze(-1)
+        u_c, dt, dsoftplus, Bs, Cs, a, x, hs = lay.chunk_scan(h_in, t0, t1, delta_softplus, dt_scale, b_scale,
+                                                              c_scale)
         # Gating: out = y * silu(z).
         dout_c = dout[..., t0:t1].to(acc)
         if lay.z is not None:
