@@ -5,13 +5,13 @@ device, compares out and every gradient with the sequential reference computed i
 the same inputs, and times forward and forward+backward.
 """
 
-import os
 import statistics
 import time
 
 import torch
 
 from .ops.selective_scan import selective_scan_fn, selective_scan_ref
+from .ops.selective_scan.interface import interpreting
 
 # Max |x - ref| / max |ref| allowed per input dtype; the tests use the same table.
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2}
@@ -33,7 +33,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def available_backends(device: torch.device):
     backends = ["torch"]
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if device.type == "cuda" or interpreting():
         backends.append("triton")
     return backends
 

@@ -22,8 +22,6 @@ import triton.language as tl
 
 from ..utils import new_buffer
 
-LOG2E = 1.4426950408889634
-
 
 @triton.jit
 def _affine_combine(a_l, x_l, a_r, x_r):
@@ -82,7 +80,8 @@ def _load_channel_params(A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, s_A_d, s_A_n, s_B
                          s_D, s_bias, b_scale, c_scale, offs_d, mask_d, offs_n, mask_n,
                          HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, B_VARIABLE: tl.constexpr,
                          C_VARIABLE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The block's per-channel parameters in fp32: A [BLOCK_D, BLOCK_N, 1]; D and delta_bias
+    """The block's per-channel parameters in fp32: A and A * log2(e) [BLOCK_D, BLOCK_N, 1] (the
+    kernels take exp(dt A) as exp2(dt A log2(e))); D and delta_bias
     [BLOCK_D] (0 when absent); fixed B and C [BLOCK_D, BLOCK_N, 1] times their multipliers
     (unused when variable)."""
     mask_dn = mask_d[:, None] & mask_n[None, :]
@@ -101,14 +100,15 @@ def _load_channel_params(A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, s_A_d, s_A_n, s_B
     if not C_VARIABLE:
         C_fixed = tl.load(C_ptr + offs_d[:, None] * s_C_0 + offs_n[None, :] * s_C_1,
                           mask=mask_dn, other=0.0).to(tl.float32)[:, :, None] * c_scale
-    return A.to(tl.float32)[:, :, None], Dv, bias, B_fixed, C_fixed
+    A = A.to(tl.float32)[:, :, None]
+    return A, A * 1.4426950408889634, Dv, bias, B_fixed, C_fixed
 
 
 @triton.jit
 def _chunk_scan(u_ptr, delta_ptr, B_ptr, C_ptr, s_u_b, s_u_d, s_u_l, s_delta_b, s_delta_d, s_delta_l,
                 s_B_0, s_B_1, s_B_2, s_B_3, s_C_0, s_C_1, s_C_2, s_C_3,
                 pid_b, group, offs_d, mask_d, offs_n, mask_n, offs_t, seqlen,
-                A, bias, B_fixed, C_fixed, h_in, dt_scale, b_scale, c_scale,
+                A_log2, bias, B_fixed, C_fixed, h_in, dt_scale, b_scale, c_scale,
                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_VARIABLE: tl.constexpr,
                 C_VARIABLE: tl.constexpr):
     """One chunk of the recurrence from the state h_in entering it; the forward kernel runs it
@@ -129,7 +129,7 @@ def _chunk_scan(u_ptr, delta_ptr, B_ptr, C_ptr, s_u_b, s_u_d, s_u_l, s_delta_b, 
         Ct = _load_group_tile(C_ptr, s_C_0, s_C_1, s_C_2, s_C_3, pid_b, group, offs_n, offs_t, mask_nt) * c_scale
     else:
         Ct = C_fixed
-    a = tl.exp2(dt[:, None, :] * (A * 1.4426950408889634))  # exp(dt A) = exp2(dt A log2(e))
+    a = tl.exp2(dt[:, None, :] * A_log2)
     x = (dt * u)[:, None, :] * Bt
     a_prod, hs = tl.associative_scan((a, x), axis=2, combine_fn=_affine_combine)
     hs = hs + a_prod * h_in[:, :, None]
@@ -156,7 +156,7 @@ def selective_scan_fwd_kernel(
     group, offs_d, mask_d, offs_n, mask_n = _block_setup(tl.program_id(0), dim_per_group, blocks_per_group,
                                                          d_state, BLOCK_D, BLOCK_N)
     mask_dn = mask_d[:, None] & mask_n[None, :]
-    A, Dv, bias, B_fixed, C_fixed = _load_channel_params(
+    A, A_log2, Dv, bias, B_fixed, C_fixed = _load_channel_params(
         A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, s_A_d, s_A_n, s_B_0, s_B_1, s_C_0, s_C_1, s_D, s_bias,
         b_scale, c_scale, offs_d, mask_d, offs_n, mask_n, HAS_D, HAS_BIAS, B_VARIABLE, C_VARIABLE, BLOCK_D, BLOCK_N)
     if HAS_H0:
@@ -173,7 +173,7 @@ def selective_scan_fwd_kernel(
         mask, u, _, _, _, Ct, _, _, hs = _chunk_scan(
             u_ptr, delta_ptr, B_ptr, C_ptr, s_u_b, s_u_d, s_u_l, s_delta_b, s_delta_d, s_delta_l,
             s_B_0, s_B_1, s_B_2, s_B_3, s_C_0, s_C_1, s_C_2, s_C_3, pid_b, group, offs_d, mask_d, offs_n, mask_n,
-            offs_t, seqlen, A, bias, B_fixed, C_fixed, h, dt_scale, b_scale, c_scale,
+            offs_t, seqlen, A_log2, bias, B_fixed, C_fixed, h, dt_scale, b_scale, c_scale,
             HAS_BIAS, SOFTPLUS, B_VARIABLE, C_VARIABLE)
         y = tl.sum(hs * Ct, axis=1)
         if HAS_D:
@@ -227,7 +227,7 @@ def selective_scan_bwd_kernel(
                                                          d_state, BLOCK_D, BLOCK_N)
     blk = (pid_db % blocks_per_group).to(tl.int64)
     mask_dn = mask_d[:, None] & mask_n[None, :]
-    A, Dv, bias, B_fixed, C_fixed = _load_channel_params(
+    A, A_log2, Dv, bias, B_fixed, C_fixed = _load_channel_params(
         A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, s_A_d, s_A_n, s_B_0, s_B_1, s_C_0, s_C_1, s_D, s_bias,
         b_scale, c_scale, offs_d, mask_d, offs_n, mask_n, HAS_D, HAS_BIAS, B_VARIABLE, C_VARIABLE, BLOCK_D, BLOCK_N)
     # dL/dh at the chunk's last step, from the steps after it (initially from last_state).
@@ -254,7 +254,7 @@ def selective_scan_bwd_kernel(
         mask, u, dt, ddt, Bt, Ct, a, x, hs = _chunk_scan(
             u_ptr, delta_ptr, B_ptr, C_ptr, s_u_b, s_u_d, s_u_l, s_delta_b, s_delta_d, s_delta_l,
             s_B_0, s_B_1, s_B_2, s_B_3, s_C_0, s_C_1, s_C_2, s_C_3, pid_b, group, offs_d, mask_d, offs_n, mask_n,
-            offs_t, seqlen, A, bias, B_fixed, C_fixed, h_in, dt_scale, b_scale, c_scale,
+            offs_t, seqlen, A_log2, bias, B_fixed, C_fixed, h_in, dt_scale, b_scale, c_scale,
             HAS_BIAS, SOFTPLUS, B_VARIABLE, C_VARIABLE)
         mask_nt = mask_n[:, None] & (offs_t < seqlen)[None, :]
         dtu = dt * u
@@ -291,7 +291,7 @@ def selective_scan_bwd_kernel(
         mask_next = mask_d[:, None] & ((offs_next < seqlen) & (t_idx > 0))[None, :]
         delta_next = _load_tile(delta_ptr, s_delta_b, s_delta_d, s_delta_l, pid_b, offs_d, offs_next, mask_next)
         dt_next, _ = _discretize(delta_next, bias, mask_next, dt_scale, HAS_BIAS, SOFTPLUS)
-        alpha = tl.exp2(dt_next[:, None, :] * (A * 1.4426950408889634))
+        alpha = tl.exp2(dt_next[:, None, :] * A_log2)
         alpha_prod, g_r = tl.associative_scan((alpha, Ct_r * dout_r[:, None, :]), axis=2,
                                               combine_fn=_affine_combine)
         g = tl.flip(g_r + alpha_prod * dh[:, :, None], 2)  # dL/dh_t, time ascending
@@ -365,8 +365,10 @@ def _blocks(d_state: int, dim_per_group: int, device: torch.device):
     bt = triton_chunk_size(d_state, device)
     block_n = triton.next_power_of_2(d_state)
     on_gpu = device.type == "cuda"
-    block_d = max(1, _TILE_ELEMENTS["cuda" if on_gpu else "interpreter"] // (bt * block_n))
-    block_d = min(triton.next_power_of_2(dim_per_group), block_d, _CUDA_MAX_BLOCK_D if on_gpu else block_d)
+    block_d = min(triton.next_power_of_2(dim_per_group),
+                  max(1, _TILE_ELEMENTS["cuda" if on_gpu else "interpreter"] // (bt * block_n)))
+    if on_gpu:
+        block_d = min(block_d, _CUDA_MAX_BLOCK_D)
     return block_d, block_n, bt, triton.cdiv(dim_per_group, block_d)
 
 

@@ -21,7 +21,8 @@ BACKEND_ENV = "SSM_KERNELS_BACKEND"
 DETERMINISTIC_ENV = "SSM_KERNELS_DETERMINISTIC"
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton kernels run through the interpreter (TRITON_INTERPRET set)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -36,7 +37,7 @@ def resolve_backend(backend: Optional[str], u: Tensor) -> str:
         return "triton" if u.is_cuda else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"{source}: unknown backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "triton" and not u.is_cuda and not _interpreting():
+    if backend == "triton" and not u.is_cuda and not interpreting():
         raise ValueError(f"{source}: the 'triton' backend needs CUDA tensors, or TRITON_INTERPRET=1 set "
                          "before triton is imported to run the kernels on the CPU")
     return backend
