@@ -11,10 +11,12 @@ setup(
     # Pure Python + Triton: no compiler step. torch is not pinned here (CPU and CUDA builds
     # differ per machine); triton >= 3.2 for tl.flip along any dim, kernels avoid newer features;
     # numpy because Triton's interpreter (the kernels on the CPU) needs it and triton does not
-    # declare it.
-    install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
+    # declare it; tqdm for the progress bars of long runs (profile, coord-check).
+    install_requires=["torch>=2.4", "triton>=3.2", "numpy", "tqdm"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        # matplotlib draws `python -m ssm_kernels.bench plot`; the tests draw one.
+        "plot": ["matplotlib>=3.5"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5"],
         "conv": ["causal-conv1d>=1.4"],
     },
 )

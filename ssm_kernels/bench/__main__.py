@@ -1,0 +1,30 @@
+"""`python -m ssm_kernels.bench plot RESULTS.json -o PNG [--table]`: draw a `pytest benchmarks/` results file."""
+
+import argparse
+import sys
+
+from .plot import plot_results, summary_table
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m ssm_kernels.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    plot = sub.add_parser("plot", help="throughput against width, one line per backend x multipliers")
+    plot.add_argument("results", help="file written by pytest benchmarks/ --benchmark-json=RESULTS.json")
+    plot.add_argument("-o", "--output", required=True, help="PNG to write")
+    plot.add_argument("--title")
+    plot.add_argument("--table", action="store_true", help="also print GB/s and peak memory per benchmark")
+    args = parser.parse_args(argv)
+    try:
+        plot_results(args.results, args.output, args.title)
+        if args.table:
+            print("\n".join(summary_table(args.results)))
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
