@@ -3,6 +3,7 @@
 `check` (the default) runs every available backend against the float64 reference on the
 current device (CUDA when present, else the CPU) and prints errors and times for a few widths.
 `profile` runs one configuration under torch.profiler: top kernels, bandwidth, peak memory.
+`coord-check` measures how a parameterization's SSM activations scale with width.
 """
 
 import argparse
@@ -40,12 +41,80 @@ def _add_profile_arguments(parser):
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
 
 
+def _add_coord_check_arguments(parser):
+    parser.add_argument("--param", choices=["sp", "mup", "spectral", "mup_ssm", "mup_ssm_asymptotic"],
+                        default="mup_ssm")
+    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    parser.add_argument("--sweep", choices=["d_inner", "d_state"], default="d_inner")
+    parser.add_argument("--json", metavar="PATH", help="write the result (with --table: every sweep's)")
+    parser.add_argument("--plot", metavar="PNG", help="log2 RMS against log2 width, one panel per quantity")
+    parser.add_argument("--widths", type=int, nargs="+",
+                        help="default d_inner 64 128 256 512 (d_state 16), or d_state 16 32 64 128 (d_inner 128)")
+    parser.add_argument("--fixed", type=int, help="the dimension not swept (default 16 or 128, as above)")
+    parser.add_argument("--steps", type=int, default=4, help="training steps (default 4)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--lr", type=float, help="base learning rate (default 3e-3 Adam, 0.3 SGD)")
+    parser.add_argument("--dt-min", type=float, default=0.001, help="Mamba's dt init range (default 0.001 0.1; "
+                        "--dt-min 0.5 --dt-max 1 puts the d_state sweep in the asymptotic regime N_x >> 1/dt)")
+    parser.add_argument("--dt-max", type=float, default=0.1)
+    parser.add_argument("--table", action="store_true",
+                        help="every preset x optimizer x sweep; print the slopes and write them to --table-out")
+    parser.add_argument("--table-out", default="docs/coord_check_table.md", metavar="MD",
+                        help="markdown of the slopes; presets.md (the preset tables) goes beside it")
+
+
+def _coord_check(args):
+    from .mup import coord_check as cc
+    common = dict(widths=args.widths, fixed=args.fixed, steps=args.steps, seeds=args.seeds, lr=args.lr, progress=True,
+                  mixer_kwargs=dict(dt_min=args.dt_min, dt_max=args.dt_max))
+    if not args.table:
+        result = cc.coord_check(args.param, args.optimizer, args.sweep, **common)
+        print(f"{args.param}, {args.optimizer}, sweep {args.sweep}, widths {result['widths']}: slopes of log2 RMS "
+              "against log2 width, per layer")
+        for q, slopes in result["slopes"].items():
+            print(f"  {q:<10} mean {result['mean_slopes'][q]:+.2f}   "
+                  + "  ".join(f"{layer}: {s:+.2f}" for layer, s in slopes.items()))
+        if args.json:
+            cc.save_json(result, args.json)
+        if args.plot:
+            cc.plot(result, args.plot)
+        return 0
+    from .mup import PRESETS
+    results = [cc.coord_check(p, o, s, **common) for p in PRESETS for o in ("adam", "sgd")
+               for s in ("d_inner", "d_state")]
+    r0 = results[0]
+    settings = (f"Settings: 3-layer MambaLM (expand 2, vocab {r0['model']['vocab']}, untied readout, dt init in "
+                f"[{args.dt_min:g}, {args.dt_max:g}]), one fixed batch "
+                f"{r0['model']['batch']} x {r0['model']['seqlen']} tokens, {args.steps} steps, seeds {args.seeds}, "
+                f"base lr {{adam: {cc.DEFAULT_LR['adam'] if args.lr is None else args.lr}, "
+                f"sgd: {cc.DEFAULT_LR['sgd'] if args.lr is None else args.lr}}}; "
+                + "; ".join(f"{r['sweep']} sweep: widths {r['widths']}, {r['fixed']}" for r in results[:2]) + ".")
+    text = cc.table_markdown(results, settings)
+    print(text)
+    if args.table_out:
+        import os
+
+        from .mup.presets import presets_markdown
+        folder = os.path.dirname(args.table_out) or "."
+        os.makedirs(folder, exist_ok=True)
+        with open(args.table_out, "w") as f:
+            f.write(text)
+        with open(os.path.join(folder, "presets.md"), "w") as f:  # the tables the slopes were measured with
+            f.write(presets_markdown())
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m ssm_kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     _add_check_arguments(sub.add_parser("check", help="backends against the float64 reference (default)"))
     _add_profile_arguments(sub.add_parser("profile", help="one configuration under torch.profiler"))
+    _add_coord_check_arguments(sub.add_parser("coord-check", help="activation scaling with width (muP check)"))
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv.insert(0, "check")
@@ -68,6 +137,10 @@ def main(argv=None):
         profile(args.d_inner, args.seqlen, args.batch, dtype, args.d_state, args.backward, args.trace, args.backend,
                 device, args.multipliers, args.warmup, args.steps)
         return 0
+    if args.command == "coord-check":
+        if args.steps < 1 or len(args.seeds) < 1:
+            parser.error("--steps and --seeds: at least one")
+        return _coord_check(args)
     parser.print_help()
     return 2
 

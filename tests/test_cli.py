@@ -3,7 +3,6 @@
 import subprocess
 import sys
 
-import torch
 
 from ssm_kernels import __main__ as cli
 from ssm_kernels import check as check_module

@@ -1,0 +1,187 @@
+"""The Mamba-1 mixer (in_proj -> causal depthwise conv -> SiLU -> x_proj -> dt_proj -> selective
+scan with z gating -> out_proj) and `mamba_inner_fn`, both on `ssm_kernels.selective_scan_fn`.
+
+Parameter names, shapes and initialization follow mamba_ssm's `Mamba`, so its state dicts load.
+The width multipliers dt_scale, b_scale, c_scale live on the parameterless `SelectiveScan`
+submodule (`mixer.scan`): they are set by `ssm_kernels.mup`, are not in the state dict, and go to
+the kernel, which applies them inside the recurrence.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.selective_scan import selective_scan_fn
+
+
+def _causal_conv1d_cuda():
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception:  # not installed, or its extension does not load
+        return None
+    return causal_conv1d_fn
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = "silu"):
+    """Depthwise causal conv over (batch, dim, L) with weight (dim, width), then SiLU (or nothing).
+
+    Uses causal-conv1d's kernel for CUDA tensors when it is installed, F.conv1d otherwise; the
+    two give the same result."""
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation: expected None, 'silu' or 'swish', got {activation!r}")
+    if weight.dim() == 3:  # (dim, 1, width), as stored by nn.Conv1d
+        weight = weight.squeeze(1)
+    fast = _causal_conv1d_cuda() if x.is_cuda else None
+    if fast is not None:
+        return fast(x, weight, bias, activation)
+    width = weight.shape[-1]
+    out = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=x.shape[1])[..., :x.shape[-1]]
+    return F.silu(out) if activation is not None else out
+
+
+class SelectiveScan(nn.Module):
+    """selective_scan_fn as a module: holds the kernel multipliers, and is where forward hooks
+    see the scan's output and last state (the coordinate check uses them)."""
+
+    def __init__(self, backend: Optional[str] = None):
+        super().__init__()
+        self.dt_scale, self.b_scale, self.c_scale = 1.0, 1.0, 1.0
+        self.backend = backend
+
+    def forward(self, u, delta, A, B, C, D, z, delta_bias):
+        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True, return_last_state=True,
+                                 dt_scale=self.dt_scale, b_scale=self.b_scale, c_scale=self.c_scale,
+                                 backend=self.backend)
+
+    def extra_repr(self):
+        return f"dt_scale={self.dt_scale:g}, b_scale={self.b_scale:g}, c_scale={self.c_scale:g}"
+
+
+def _rms(x: Tensor, weight: Optional[Tensor], eps: float):
+    if weight is None:
+        return x
+    return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+def _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias, A,
+           B, C, D, delta_bias, B_proj_bias, C_proj_bias, b_rms_weight, c_rms_weight, dt_rms_weight, eps, scan):
+    """The shared body of mamba_inner_fn and Mamba.forward; scan(u, delta, A, B, C, D, z, delta_bias)."""
+    if xz.dim() != 3 or xz.shape[1] % 2:
+        raise ValueError(f"xz: expected (batch, 2*d_inner, L), got {tuple(xz.shape)}")
+    batch, _, seqlen = xz.shape
+    d_state = A.shape[-1]
+    dt_rank = delta_proj_weight.shape[1]
+    x, z = xz.chunk(2, dim=1)
+    x = causal_conv1d(x, conv1d_weight, conv1d_bias, "silu")
+    x_dbl = F.linear(x.transpose(1, 2).reshape(batch * seqlen, -1), x_proj_weight)  # (b*l, r + 2N)
+    dt = _rms(x_dbl[:, :dt_rank], dt_rms_weight, eps)
+    delta = (delta_proj_weight @ dt.t()).reshape(-1, batch, seqlen).transpose(0, 1)  # (b, d, l), d-major view
+    if B is None:
+        B = x_dbl[:, dt_rank:dt_rank + d_state]
+        if B_proj_bias is not None:
+            B = B + B_proj_bias.to(B.dtype)
+        B = _rms(B, b_rms_weight, eps).reshape(batch, seqlen, d_state).transpose(1, 2)  # (b, N, l)
+    if C is None:
+        C = x_dbl[:, -d_state:]
+        if C_proj_bias is not None:
+            C = C + C_proj_bias.to(C.dtype)
+        C = _rms(C, c_rms_weight, eps).reshape(batch, seqlen, d_state).transpose(1, 2)
+    y, _ = scan(x, delta, A, B, C, D, z, delta_bias)
+    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+
+
+def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias,
+                   A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
+                   delta_softplus=True, checkpoint_lvl=1, b_rms_weight=None, c_rms_weight=None, dt_rms_weight=None,
+                   b_c_dt_rms_eps=1e-6, *, dt_scale=1.0, b_scale=1.0, c_scale=1.0, backend=None):
+    """mamba_ssm's mamba_inner_fn (same arguments) on our scan, plus the kernel multipliers.
+
+    xz: (batch, 2*d_inner, L), the in_proj output; returns (batch, L, d_model). Autograd runs
+    through ordinary torch ops and our scan's custom op. `checkpoint_lvl` is accepted and
+    ignored: our scan never saves a (batch, d_inner, L, N) tensor, so nothing is recomputed.
+    """
+    def scan(u, delta, A, B, C, D, z, delta_bias):
+        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus,
+                                 return_last_state=True, dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale,
+                                 backend=backend)
+    return _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias,
+                  A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, b_rms_weight, c_rms_weight, dt_rms_weight,
+                  b_c_dt_rms_eps, scan)
+
+
+class Mamba(nn.Module):
+    """Mamba-1 mixer with mamba_ssm's constructor arguments, defaults and parameter names.
+
+    forward: (batch, L, d_model) -> (batch, L, d_model). No inference cache (step-by-step
+    decoding) yet.
+    """
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
+                 dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False, use_fast_path=True,
+                 layer_idx=None, device=None, dtype=None, backend=None):
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank_auto = dt_rank == "auto"  # then the rank grows with d_model (the init scaling uses it)
+        self.dt_rank = math.ceil(d_model / 16) if self.dt_rank_auto else dt_rank
+        self.dt_min, self.dt_max, self.dt_init, self.dt_init_scale = dt_min, dt_max, dt_init, dt_scale
+        self.dt_init_floor = dt_init_floor
+        self.use_fast_path = use_fast_path  # accepted for compatibility; there is one path
+        self.layer_idx = layer_idx
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"dt_init: expected 'random' or 'constant', got {dt_init!r}")
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
+                                bias=conv_bias, **factory)
+        self.activation = "silu"
+        self.act = nn.SiLU()
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state, device=device, dtype=torch.float32))
+        self.A_log._no_weight_decay = True  # mamba_ssm's flag; our param groups do not read it
+        self.D = nn.Parameter(torch.empty(self.d_inner, device=device, dtype=torch.float32))
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        self.scan = SelectiveScan(backend)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, generator=None):
+        """mamba_ssm's init of dt_proj, A_log and D (in_proj, conv1d, x_proj, out_proj keep
+        PyTorch's defaults): dt_proj.weight uniform of std dt_rank^-0.5 * dt_scale / sqrt(3) (or
+        constant), dt_proj.bias = softplus^-1 of dt log-uniform in [dt_min, dt_max] floored at
+        dt_init_floor, A_log[:, n] = log(n + 1) (S4D-real), D = 1."""
+        std = self.dt_rank ** -0.5 * self.dt_init_scale
+        if self.dt_init == "constant":
+            self.dt_proj.weight.fill_(std)
+        else:
+            self.dt_proj.weight.uniform_(-std, std, generator=generator)
+        self.dt_proj.bias.copy_(self.dt_bias_init(generator))
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+        self.A_log.copy_(torch.log(A).repeat(self.d_inner, 1))
+        self.D.fill_(1.0)
+
+    def dt_bias_init(self, generator=None):
+        u = torch.rand(self.d_inner, generator=generator).to(self.dt_proj.bias.device)
+        dt = torch.exp(u * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min))
+        dt = dt.clamp(min=self.dt_init_floor)
+        return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
+            raise ValueError(f"hidden_states: expected (batch, L, {self.d_model}), got {tuple(hidden_states.shape)}")
+        xz = F.linear(hidden_states, self.in_proj.weight, self.in_proj.bias).transpose(1, 2)  # (b, 2d, l)
+        A = -torch.exp(_at_least_fp32(self.A_log))
+        return _inner(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                      self.out_proj.weight, self.out_proj.bias, A, None, None, _at_least_fp32(self.D),
+                      _at_least_fp32(self.dt_proj.bias), None, None, None, None, None, 1e-6, self.scan)
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """fp16/bf16 -> fp32 (what the scan takes for A, D, delta_bias); fp32 and fp64 unchanged."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()

@@ -1,0 +1,109 @@
+"""A small Mamba language model with mamba_ssm's `MambaLMHeadModel` layout and state-dict keys:
+backbone.embedding -> backbone.layers[i] (pre-norm residual blocks: norm, mixer) -> backbone.norm_f
+-> lm_head. Small enough to train on the CPU at d_model 32-256.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .mamba import Mamba
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 normalize in fp32; fp64 stays
+        xa = x.to(acc)
+        return (xa * torch.rsqrt(xa.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(acc)).to(x.dtype)
+
+
+class Block(nn.Module):
+    """h + mixer(norm(h)), with mamba_ssm's names (`norm`, `mixer`)."""
+
+    def __init__(self, d_model: int, norm_epsilon: float = 1e-5, **mixer_kwargs):
+        super().__init__()
+        self.norm = RMSNorm(d_model, eps=norm_epsilon)
+        self.mixer = Mamba(d_model, **mixer_kwargs)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return hidden_states + self.mixer(self.norm(hidden_states))
+
+
+class _Backbone(nn.Module):
+    def __init__(self, d_model, n_layer, vocab_size, norm_epsilon, mixer_kwargs):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, d_model)
+        self.layers = nn.ModuleList(
+            Block(d_model, norm_epsilon, layer_idx=i, **mixer_kwargs) for i in range(n_layer))
+        self.norm_f = RMSNorm(d_model, eps=norm_epsilon)
+
+
+class MambaLM(nn.Module):
+    """embedding -> n_layer Mamba blocks -> RMSNorm -> readout; logits (batch, L, padded vocab).
+
+    `embedding_multiplier` and `readout_multiplier` (plain floats, 1 by default, set by
+    `ssm_kernels.mup`) scale the embedding output and the logits. The vocabulary is padded to a
+    multiple of `pad_vocab_size_multiple`, as in mamba_ssm. Initialization is mamba_ssm's:
+    embedding N(0, 0.02), Linear biases zero, out_proj rescaled by 1/sqrt(n_layer).
+    """
+
+    def __init__(self, d_model: int, n_layer: int, vocab_size: int, d_state: int = 16, expand: int = 2,
+                 d_conv: int = 4, norm_epsilon: float = 1e-5, tie_embeddings: bool = True,
+                 pad_vocab_size_multiple: int = 8, backend: Optional[str] = None, **mixer_kwargs):
+        super().__init__()
+        if vocab_size % pad_vocab_size_multiple:
+            vocab_size += pad_vocab_size_multiple - vocab_size % pad_vocab_size_multiple
+        self.d_model, self.n_layer, self.vocab_size = d_model, n_layer, vocab_size
+        self.tie_embeddings = tie_embeddings
+        mixer_kwargs = dict(d_state=d_state, expand=expand, d_conv=d_conv, backend=backend, **mixer_kwargs)
+        self.backbone = _Backbone(d_model, n_layer, vocab_size, norm_epsilon, mixer_kwargs)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.embedding_multiplier = 1.0
+        self.readout_multiplier = 1.0
+        self.reset_parameters()
+        if tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    @torch.no_grad()
+    def reset_parameters(self, generator=None):
+        """mamba_ssm's MambaLMHeadModel init (its _init_weights with rescale_prenorm_residual)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                bound = 1 / math.sqrt(module.in_features)
+                module.weight.uniform_(-bound, bound, generator=generator)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Conv1d):
+                bound = 1 / math.sqrt(module.weight[0].numel())
+                module.weight.uniform_(-bound, bound, generator=generator)
+                if module.bias is not None:
+                    module.bias.uniform_(-bound, bound, generator=generator)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        for layer in self.backbone.layers:
+            layer.mixer.reset_ssm_parameters(generator)  # dt_proj (bias included), A_log, D
+            layer.mixer.out_proj.weight.div_(math.sqrt(self.n_layer))
+        self.backbone.embedding.weight.normal_(0.0, 0.02, generator=generator)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        h = self.backbone.embedding(input_ids)
+        if self.embedding_multiplier != 1.0:
+            h = h * self.embedding_multiplier
+        for layer in self.backbone.layers:
+            h = layer(h)
+        h = self.backbone.norm_f(h)
+        logits = F.linear(h, self.lm_head.weight)
+        return logits * self.readout_multiplier if self.readout_multiplier != 1.0 else logits
+
+    def loss(self, input_ids: Tensor) -> Tensor:
+        """Next-token cross-entropy over input_ids (batch, L)."""
+        logits = self(input_ids[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1))
