@@ -35,18 +35,32 @@ def test_every_preset_is_sp_at_the_base_shape(preset, optimizer):
 
 
 def test_sp_init_at_the_base_shape_is_mamba_ssms():
-    """SP draws what MambaLM.reset_parameters (mamba_ssm's init) draws: same bounds, same constants."""
-    model = lm(d_model=64, d_state=16)
+    """SP draws what MambaLM.reset_parameters (mamba_ssm's init) draws: the same constants, and
+    uniform draws in the same bounds whose std is bound/sqrt(3) to sampling error (5 sigma)."""
+    torch.manual_seed(0)
+    d_model, d_state, n_layer = 64, 16, 2
+    model = lm(d_model=d_model, d_state=d_state, n_layer=n_layer)
     ref = {n: t.clone() for n, t in model.state_dict().items()}
-    Parameterization("sp", "adam", 128, 16).init_(model, torch.Generator().manual_seed(3))
+    Parameterization("sp", "adam", 2 * d_model, d_state).init_(model, torch.Generator().manual_seed(3))
+    d_inner, dt_rank = 2 * d_model, 4
+    bounds = {"in_proj.weight": d_model ** -0.5, "x_proj.weight": d_inner ** -0.5, "conv1d.weight": 0.5,
+              "conv1d.bias": 0.5, "dt_proj.weight": dt_rank ** -0.5, "out_proj.weight": (d_inner * n_layer) ** -0.5,
+              "lm_head.weight": d_model ** -0.5}
     for name, t in model.state_dict().items():
         if name.endswith(("A_log", ".D", "norm.weight", "norm_f.weight")):
             assert torch.equal(t, ref[name]), name
         elif name.endswith("dt_proj.bias"):
-            assert torch.nn.functional.softplus(t).min() >= 1e-3 * 0.999
-        else:  # uniform or normal draws: the same largest magnitude and spread, to sampling error
-            assert t.abs().max().item() == pytest.approx(ref[name].abs().max().item(), rel=0.35), name
-            assert t.std().item() == pytest.approx(ref[name].std().item(), rel=0.15), name
+            for x in (t, ref[name]):
+                dt = torch.nn.functional.softplus(x)
+                assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
+        elif name.endswith("embedding.weight"):
+            for x in (t, ref[name]):
+                assert abs(x.std().item() / 0.02 - 1) < 5 * 0.71 / x.numel() ** 0.5, name
+        else:
+            bound = bounds[name.split("mixer.")[-1]]
+            for x in (t, ref[name]):
+                assert x.abs().max().item() <= bound * (1 + 1e-6), name
+                assert abs(x.std().item() * 3 ** 0.5 / bound - 1) < 5 * 0.45 / x.numel() ** 0.5, name
 
 
 def test_init_is_idempotent():

@@ -9,7 +9,6 @@ width multipliers dt_scale, b_scale, c_scale are compared:
   "none"     no multipliers.
 """
 
-import contextlib
 import json
 import os
 import tempfile
@@ -19,8 +18,8 @@ from typing import Callable, Optional
 import torch
 
 from ..check import DTYPES, MULTIPLIERS, make_inputs
+from ..check import available_backends as scan_backends
 from ..ops.selective_scan import selective_scan_fn
-from ..ops.selective_scan.interface import interpreting
 
 BACKENDS = ("triton", "torch", "mamba_ssm")
 MODES = ("fwd", "bwd", "fwdbwd")
@@ -52,10 +51,8 @@ def _mamba_ssm_scan():
 
 
 def available_backends(device: torch.device):
-    """torch everywhere; triton on CUDA or under TRITON_INTERPRET=1; mamba_ssm on CUDA when importable."""
-    backends = ["torch"]
-    if device.type == "cuda" or interpreting():
-        backends.insert(0, "triton")
+    """Our backends (torch; triton on CUDA or under TRITON_INTERPRET=1), plus mamba_ssm on CUDA when importable."""
+    backends = scan_backends(device)
     if device.type == "cuda" and _mamba_ssm_scan() is not None:
         backends.append("mamba_ssm")
     return backends
@@ -193,26 +190,9 @@ def peak_memory_bytes(fn: Callable[[], object], device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    with profiled_memory() as trace:
-        fn()
-    return trace.peak_bytes()
-
-
-class _MemoryTrace:
-    def __init__(self):
-        self.profiler = None
-
-    def peak_bytes(self) -> int:
-        return peak_allocated_bytes(trace_events(self.profiler))
-
-
-@contextlib.contextmanager
-def profiled_memory():
-    """Profiles the CPU allocator inside the block; .peak_bytes() afterwards."""
-    trace = _MemoryTrace()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        yield trace
-    trace.profiler = prof
+        fn()
+    return peak_allocated_bytes(trace_events(prof))
 
 
 def trace_events(prof, path=None):

@@ -60,10 +60,15 @@ class SelectiveScan(nn.Module):
         return f"dt_scale={self.dt_scale:g}, b_scale={self.b_scale:g}, c_scale={self.c_scale:g}"
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x / RMS(x) * weight over the last dim; fp16/bf16 normalize in fp32, fp64 stays fp64."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xa = x.to(acc)
+    return (xa * torch.rsqrt(xa.pow(2).mean(-1, keepdim=True) + eps) * weight.to(acc)).to(x.dtype)
+
+
 def _rms(x: Tensor, weight: Optional[Tensor], eps: float):
-    if weight is None:
-        return x
-    return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    return x if weight is None else rms_norm(x, weight, eps)
 
 
 def _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias, A,
@@ -151,12 +156,13 @@ class Mamba(nn.Module):
         self.reset_ssm_parameters()
 
     @torch.no_grad()
-    def reset_ssm_parameters(self, generator=None):
+    def reset_ssm_parameters(self, generator=None, dt_weight_bound=None):
         """mamba_ssm's init of dt_proj, A_log and D (in_proj, conv1d, x_proj, out_proj keep
-        PyTorch's defaults): dt_proj.weight uniform of std dt_rank^-0.5 * dt_scale / sqrt(3) (or
-        constant), dt_proj.bias = softplus^-1 of dt log-uniform in [dt_min, dt_max] floored at
-        dt_init_floor, A_log[:, n] = log(n + 1) (S4D-real), D = 1."""
-        std = self.dt_rank ** -0.5 * self.dt_init_scale
+        PyTorch's defaults): dt_proj.weight uniform in +-dt_rank^-0.5 * dt_scale (or that
+        constant; `dt_weight_bound` replaces the bound), dt_proj.bias = softplus^-1 of dt
+        log-uniform in [dt_min, dt_max] floored at dt_init_floor, A_log[:, n] = log(n + 1)
+        (S4D-real), D = 1."""
+        std = self.dt_rank ** -0.5 * self.dt_init_scale if dt_weight_bound is None else dt_weight_bound
         if self.dt_init == "constant":
             self.dt_proj.weight.fill_(std)
         else:

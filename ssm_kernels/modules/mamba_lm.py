@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .mamba import Mamba
+from .mamba import Mamba, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -20,9 +20,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        acc = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 normalize in fp32; fp64 stays
-        xa = x.to(acc)
-        return (xa * torch.rsqrt(xa.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(acc)).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Block(nn.Module):

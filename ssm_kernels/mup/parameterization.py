@@ -110,12 +110,14 @@ class Parameterization:
                 p.normal_(0.0, 0.02 * f(role), generator=generator)
             elif role == "readout":
                 uniform(p, f(role) / math.sqrt(base_d_model))
-            elif role == "norm":
-                p.fill_(1.0) if p.dim() and name.endswith("weight") else p.zero_()
+            elif role == "norm" and name.endswith("weight"):
+                p.fill_(1.0)
+            elif role == "norm":  # a LayerNorm bias
+                p.zero_()
             elif role in ("in_proj_bias", "out_proj_bias"):
                 p.zero_()
         for mixer in mixers:
-            # SP's dt_proj std is dt_rank^-1/2: at the base shape, the base shape's rank.
+            # SP's dt_proj bound is dt_rank^-1/2: at the base shape, the base shape's rank.
             dt_rank_base = math.ceil(base_d_model / 16) if mixer.dt_rank_auto else mixer.dt_rank
             uniform(mixer.in_proj.weight, f("in_proj") / math.sqrt(base_d_model))
             conv_bound = 1 / math.sqrt(mixer.d_conv)
@@ -127,12 +129,8 @@ class Parameterization:
                 uniform(block, f(role) / math.sqrt(self.base_d_inner))
             out_bound = f("out_proj") / math.sqrt(self.base_d_inner)
             uniform(mixer.out_proj.weight, out_bound / math.sqrt(n_layer) if n_layer else out_bound)
-            mixer.reset_ssm_parameters(generator)  # dt_proj.bias (log-uniform dt), A_log, D
-            dt_std = dt_rank_base ** -0.5 * mixer.dt_init_scale * f("dt_proj_weight")
-            if mixer.dt_init == "constant":
-                mixer.dt_proj.weight.fill_(dt_std)
-            else:
-                uniform(mixer.dt_proj.weight, dt_std)
+            # dt_proj (weight at the scaled bound, bias from log-uniform dt), A_log, D
+            mixer.reset_ssm_parameters(generator, dt_rank_base ** -0.5 * mixer.dt_init_scale * f("dt_proj_weight"))
         return model
 
     # -- forward multipliers -----------------------------------------------------------------
