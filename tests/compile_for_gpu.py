@@ -1,89 +1,192 @@
-"""Compile the Triton kernels for an NVIDIA GPU without one: Triton's ahead-of-time path
-(TTIR -> TTGIR -> LLVM IR -> PTX -> cubin through the ptxas that ships with triton).
+"""Compile the Triton kernels for an NVIDIA GPU on a machine without one, exactly as the JIT
+would compile them for a call of `selective_scan_fn` at a given configuration.
 
-This catches code-generation errors that the interpreter cannot (it runs the kernels as numpy).
-Each configuration uses the launchers' own CUDA block sizes and warps. Run by hand to also see
-ptxas' register and spill report:
+The forward and backward launchers run on "meta" tensors (shapes, dtypes and strides, no data)
+with `JITFunction.run` replaced by a hook that binds the arguments the way the JIT does, with
+its runtime specialization (integers equal to 1 become constants; integers and pointers
+divisible by 16 are marked so), compiles for the target and launches nothing.
 
-    python tests/compile_for_gpu.py [--arch 90] [--ptxas-report]
+    python tests/compile_for_gpu.py --out DIR [--batch 4 --dim 2048 --seqlen 2048 --d-state 16
+        --dtype bf16] [--fixed-bc] [--deterministic] [--arch 90]
+
+writes, for every kernel the forward and backward launch, DIR/<name>.cubin and DIR/<name>.json
+(kernel, kind, ctas, num_warps, shared_bytes, res_usage, loop_trips, es_total, hbm_bytes,
+l2_bytes), which ../shared/tools/static_gpu/static_model.py --from-dir DIR models, and prints
+each kernel's registers and spills.
 """
 
 import argparse
+import json
 import os
-import re
 import subprocess
 import sys
-import tempfile
 
-os.environ["TRITON_INTERPRET"] = "0"  # real kernels, before triton is imported
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+os.environ["TRITON_INTERPRET"] = "0"  # real compilation, before triton is imported
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT's default: a*b+c becomes one FMA
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime import jit as triton_jit  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ssm_kernels.ops.selective_scan import chunk  # noqa: E402
+from ssm_kernels.ops.selective_scan.checks import check_inputs  # noqa: E402
 
-# Pointer arguments that carry the input/output dtype; every other pointer is fp32.
-IO_POINTERS = {"u_ptr", "delta_ptr", "z_ptr", "out_ptr", "B_ptr", "C_ptr", "dout_ptr", "du_ptr", "ddelta_ptr",
-               "dz_ptr"}
-SCALARS = {"dt_scale", "b_scale", "c_scale"}
-TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-# (d_state, io dtype, B/C variable, every optional input present)
-CONFIGS = [(16, torch.bfloat16, True, True), (16, torch.float32, False, False), (1, torch.float16, True, False),
-           (64, torch.bfloat16, False, True), (256, torch.bfloat16, True, True)]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def signature(kernel, constexprs, io_dtype):
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = "*" + (TRITON_TYPES[io_dtype] if name in IO_POINTERS else "fp32")
-        elif name in SCALARS:
-            sig[name] = "fp32"
-        else:  # strides are int64 (large tensors), sizes int32
-            sig[name] = "i64" if name.startswith("s_") else "i32"
-    return sig
+class CompileOnly:
+    """Context manager: while active, launching a Triton kernel compiles it for `arch` and
+    records it instead of running it."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+        self.backend = make_backend(self.target)
+        self.compiled = []
+
+    def __enter__(self):
+        self._run = triton_jit.JITFunction.run
+        target, backend, compiled = self.target, self.backend, self.compiled
+
+        def run(fn, *args, grid, warmup, **kwargs):
+            kwargs["debug"] = kwargs.get("debug", fn.debug) or triton.knobs.runtime.debug
+            kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
+            if hasattr(triton.knobs.compilation, "fpsan_homomorphic_casts"):  # Triton >= 3.7
+                kwargs["fpsan_homomorphic_casts"] = triton.knobs.compilation.fpsan_homomorphic_casts
+            bind = triton_jit.create_function_from_signature(fn.signature, fn.params, backend)
+            bound, specialization, options = bind(*args, **kwargs)
+            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                    options=options.__dict__)
+            grid = grid(bound) if callable(grid) else grid
+            compiled.append(dict(fn=fn, kernel=kernel, grid=tuple(grid) + (1,) * (3 - len(grid)),
+                                 num_warps=options.num_warps, bound=dict(bound)))
+            return None
+
+        triton_jit.JITFunction.run = run
+        return self
+
+    def __exit__(self, *exc):
+        triton_jit.JITFunction.run = self._run
 
 
-def compile_kernel(kernel, constexprs, io_dtype, arch, num_warps):
-    src = ASTSource(fn=kernel, signature=signature(kernel, constexprs, io_dtype), constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+def make_inputs(batch, dim, seqlen, d_state, dtype, fixed_bc, optional=True, groups=1):
+    """A Mamba-like call on the meta device: variable (batch, G, N, L) or fixed B/C; D, z,
+    delta_bias and an initial state when `optional`; delta as the d-major view mamba_inner_fn
+    passes."""
+    meta = dict(device="meta")
+
+    def state_matrix():
+        return (torch.empty(dim, d_state, **meta) if fixed_bc
+                else torch.empty(batch, groups, d_state, seqlen, dtype=dtype, **meta))
+    x = dict(u=torch.empty(batch, dim, seqlen, dtype=dtype, **meta),
+             delta=torch.empty(dim, batch, seqlen, dtype=dtype, **meta).transpose(0, 1),
+             A=torch.empty(dim, d_state, **meta), B=state_matrix(), C=state_matrix(),
+             z=None, D=None, delta_bias=None, initial_state=None)
+    if optional:
+        x.update(z=torch.empty(batch, dim, seqlen, dtype=dtype, **meta), D=torch.empty(dim, **meta),
+                 delta_bias=torch.empty(dim, **meta), initial_state=torch.empty(batch, dim, d_state, **meta))
+    return x
 
 
-def ptxas_report(compiled, arch):
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(compiled.asm["ptx"])
-    out = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", f.name, "-o", os.devnull],
-                         capture_output=True, text=True).stderr
-    regs, spills = re.search(r"Used (\d+) registers", out), re.search(r"(\d+) bytes spill stores", out)
-    return f"{regs.group(1) if regs else '?'} registers, {spills.group(1) if spills else '?'} B spill stores"
+# Every kernel variant the launchers can pick, in a few calls: io dtypes, fixed / variable /
+# grouped B and C, optional inputs on and off, N from 1 to 256, chunks that are whole or partial,
+# sequences shorter than one chunk and longer than many.
+SHIPPED = [
+    dict(batch=4, dim=2048, seqlen=2048, d_state=16, dtype="bf16"),
+    dict(batch=2, dim=64, seqlen=37, d_state=16, dtype="fp32", fixed_bc=True, optional=False),
+    dict(batch=2, dim=64, seqlen=300, d_state=1, dtype="fp16", groups=2),
+    dict(batch=2, dim=64, seqlen=512, d_state=64, dtype="bf16", fixed_bc=True),
+    dict(batch=1, dim=64, seqlen=8192, d_state=256, dtype="bf16", optional=False),
+    dict(batch=2, dim=64, seqlen=1000, d_state=48, dtype="fp32"),
+]
+
+
+def traffic(kind, batch, dim, seqlen, d_state, itemsize, fixed_bc, n_saved):
+    """(HBM bytes, L2->SM bytes) a launch must move: every (batch, dim, L) tensor once, B and C
+    once from HBM but once per channel from L2, the fp32 saved states, and in the backward the
+    fp32 dB and dC atomics (one 4-byte reduction per element-state each)."""
+    X = batch * dim * seqlen
+    S = 0 if fixed_bc else batch * d_state * seqlen
+    states = batch * dim * n_saved * d_state * 4
+    per_channel_bc = 0 if fixed_bc else 2 * d_state * seqlen * itemsize * batch * dim
+    if kind == "fwd":  # read u, delta, z, B, C; write out, states
+        return 4 * X * itemsize + 2 * S * itemsize + states, per_channel_bc + 4 * X * itemsize + states
+    # read dout, u, delta, z, B, C, states; write du, ddelta, dz, dB, dC
+    atomics = 0 if fixed_bc else 2 * X * d_state * 4
+    return (7 * X * itemsize + 2 * S * itemsize + 2 * S * 4 + states,
+            per_channel_bc + atomics + 7 * X * itemsize + states)
+
+
+def compile_config(out_dir, *, batch=4, dim=2048, seqlen=2048, d_state=16, dtype="bf16", fixed_bc=False,
+                   optional=True, groups=1, deterministic=False, arch=90):
+    """Compile every kernel of one forward + backward call; write DIR/<name>.{cubin,json}.
+    Returns the JSON records."""
+    x = make_inputs(batch, dim, seqlen, d_state, DTYPES[dtype], fixed_bc, optional, groups)
+    B, C, groups = check_inputs(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
+                                x["initial_state"], backend="triton")
+    scales = dict(dt_scale=0.5, b_scale=2.0, c_scale=0.25)
+    with CompileOnly(arch) as launches:
+        out, last, states = chunk.selective_scan_fwd_triton(x["u"], x["delta"], x["A"], B, C, x["D"], x["z"],
+                                                            x["delta_bias"], x["initial_state"], groups, optional,
+                                                            *scales.values())
+        chunk.selective_scan_bwd_triton(torch.empty_like(out), torch.empty_like(last) if optional else None,
+                                        x["u"], x["delta"], x["A"], B, C, x["D"], x["z"], x["delta_bias"], states,
+                                        groups, optional, *scales.values(), deterministic=deterministic)
+    os.makedirs(out_dir, exist_ok=True)
+    records = []
+    for launch in launches.compiled:
+        name = launch["fn"].__name__
+        kind = "fwd" if "fwd" in name else "bwd"
+        stem = os.path.join(out_dir, name)
+        with open(stem + ".cubin", "wb") as f:
+            f.write(launch["kernel"].asm["cubin"])
+        res_usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", stem + ".cubin"],
+                                   capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1].strip()
+        hbm, l2 = traffic(kind, batch, dim, seqlen, d_state, DTYPES[dtype].itemsize, fixed_bc, states.shape[2])
+        bound = launch["bound"]
+        loop_trips = [triton.cdiv(seqlen, bound["LANES"] * bound["ITEMS"]), d_state] if "LANES" in bound else 1
+        grid = launch["grid"]
+        record = dict(kernel=name, kind=kind, arch=arch, dtype=dtype, batch=batch, dim=dim, seqlen=seqlen,
+                      d_state=d_state, fixed_bc=fixed_bc, deterministic=deterministic, grid=grid,
+                      ctas=grid[0] * grid[1] * grid[2], num_warps=launch["num_warps"],
+                      shared_bytes=launch["kernel"].metadata.shared, res_usage=res_usage, loop_trips=loop_trips,
+                      es_total=batch * dim * seqlen * d_state, hbm_bytes=hbm, l2_bytes=l2,
+                      constexprs={k: v for k, v in bound.items() if k.isupper()})
+        with open(stem + ".json", "w") as f:
+            json.dump(record, f, indent=1)
+        records.append(record)
+    return records
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for <kernel>.cubin and <kernel>.json")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--d-state", type=int, default=16)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--fixed-bc", action="store_true", help="fixed (dim, N) B and C instead of variable")
+    parser.add_argument("--deterministic", action="store_true", help="the backward's deterministic mode")
     parser.add_argument("--arch", type=int, default=90)
-    parser.add_argument("--ptxas-report", action="store_true")
+    parser.add_argument("--shipped", action="store_true",
+                        help="instead of one configuration, every variant the launchers pick (DIR/<n>/...)")
     args = parser.parse_args(argv)
-    cuda = torch.device("cuda")
-    for d_state, io_dtype, variable, optional in CONFIGS:
-        block_d, block_n, bt, blocks_per_group = chunk._blocks(d_state, 1536, cuda)
-        common = dict(HAS_D=optional, HAS_Z=optional, HAS_BIAS=optional, SOFTPLUS=optional,
-                      B_VARIABLE=variable, C_VARIABLE=variable, BLOCK_D=block_d, BLOCK_N=block_n, BT=bt)
-        kernels = [("fwd", chunk.selective_scan_fwd_kernel, dict(common, HAS_H0=optional)),
-                   ("bwd", chunk.selective_scan_bwd_kernel,
-                    dict(common, HAS_DLAST=optional, USE_ATOMIC=variable and blocks_per_group > 1))]
-        for name, kernel, constexprs in kernels:
-            compiled = compile_kernel(kernel, constexprs, io_dtype, args.arch, chunk._num_warps(cuda))
-            assert compiled.asm.get("cubin"), f"{name}: no cubin"
-            line = (f"sm_{args.arch} {name} N={d_state} {TRITON_TYPES[io_dtype]} variable_BC={variable} "
-                    f"optional_inputs={optional} tile=({block_d},{block_n},{bt}): compiled")
-            print(line + (f"; {ptxas_report(compiled, args.arch)}" if args.ptxas_report else ""), flush=True)
+    if args.shipped:
+        calls = [(os.path.join(args.out, str(i)), dict(cfg, deterministic=det))
+                 for i, cfg in enumerate(SHIPPED) for det in (False, True)]
+        calls = [(path + ("-deterministic" if cfg["deterministic"] else ""), cfg) for path, cfg in calls]
+    else:
+        calls = [(args.out, dict(batch=args.batch, dim=args.dim, seqlen=args.seqlen, d_state=args.d_state,
+                                 dtype=args.dtype, fixed_bc=args.fixed_bc, deterministic=args.deterministic))]
+    for path, cfg in calls:
+        for r in compile_config(path, arch=args.arch, **cfg):
+            print(f"{r['kernel']} ({', '.join(f'{k}={v}' for k, v in cfg.items())}): grid {r['grid']}, "
+                  f"{r['num_warps']} warps, {r['res_usage']}", flush=True)
     return 0
 
 

@@ -1,388 +1,623 @@
-"""Chunked selective scan in Triton: the "triton" backend.
+"""Selective scan in Triton: the "triton" backend.
 
-Grid: (channel blocks, batch). A program owns BLOCK_D channels of one batch row (never
-straddling two groups of B/C) and walks the sequence in chunks of BT steps, carrying the
-state [BLOCK_D, N] in fp32 registers. Within a chunk the recurrence h_t = a_t h_{t-1} + x_t
-is a `tl.associative_scan` over (a, x) pairs along time, on [BLOCK_D, BLOCK_N, BT] tiles.
+Layout. One program is one channel (batch row b, channel d) and one warp. The sequence is cut
+into chunks of LANES * ITEMS steps; lane l of the warp owns the ITEMS consecutive steps
+t0 + l*ITEMS ... t0 + l*ITEMS + ITEMS - 1 of the chunk, in registers. A runtime loop walks the
+N states; y accumulates in registers, so nothing is reduced over N. For each state the
+recurrence h_t = a_t h_{t-1} + x_t (a_t = exp2(dt_t A log2 e), x_t = dt_t B_t u_t) runs as:
 
-Forward saves only the state entering each chunk (batch, dim, n_chunks, N). The backward walks
-chunks in reverse, recomputes the chunk's states from the saved one, and runs the adjoint
-recurrence g_t = a_{t+1} g_{t+1} + C_t dy_t. That one is a suffix recurrence: we load the
-chunk's inputs in reversed time order, run an ordinary forward scan, and `tl.flip` the result
-(`associative_scan(reverse=True)` has open bug reports for this operator, triton#4362).
+  1. in each lane, a sequential pass over its items from h = 0 (the lane's aggregate x);
+  2. one scan across the 32 lanes of the (decay, x) aggregates, with the state carried in from
+     the previous chunk folded into lane 0; a lane's decay over its items is
+     exp2(A log2 e * sum of its dt), one exp2 instead of a product of ITEMS;
+  3. in each lane, a second sequential pass from the state entering the lane, which gives every
+     state and feeds y += C_t h_t.
 
-Padding steps (t >= L) get dt = 0, hence a = 1 and x = 0: the state passes through them
-unchanged, so the chunk's last column is the true state and no step needs special casing.
-The multipliers are fp32 runtime arguments: one compiled kernel serves every width.
+The backward walks the chunks in reverse. It recomputes the chunk's states the same way from
+the state saved at the chunk's start, then runs the adjoint recurrence g_t = C_t dy_t +
+a_{t+1} g_{t+1} the same way in the other direction. a_{t+1} is the next item's decay: a
+register rename inside a lane, one shuffle across lanes. The decayed state a_t h_{t-1} that dA
+and ddelta need is a product, never h_t - x_t (which cancels under strong decay).
+
+Only products across lanes can overflow when the scan grows (dt * A > 0): they saturate at the
+largest float instead of reaching inf, so that inf * 0 never turns a zero state into NaN.
+
+Tiles. A [ITEMS, LANES] tile (items first, so the items of a lane are the register axis) is
+loaded as [ITEMS // VEC, LANES, VEC] with VEC-wide vector loads and permuted and reshaped in
+registers; the compiler keeps one layout and moves no data.
 """
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ..utils import new_buffer
+
+LOG2E = tl.constexpr(1.4426950408889634)
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: tiles, in-lane item access, scans
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _time_offsets(t0, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr):
+    """Time steps of a chunk as a [ITEMS // VEC, LANES, VEC] tile: lane l owns t0 + l*ITEMS + i."""
+    j = tl.arange(0, ITEMS // VEC)[:, None, None]
+    lane = tl.arange(0, LANES)[None, :, None]
+    k = tl.arange(0, VEC)[None, None, :]
+    return t0 + lane * ITEMS + j * VEC + k
+
+
+@triton.jit
+def _items_first(x, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr):
+    """[ITEMS // VEC, LANES, VEC] -> [ITEMS, LANES]."""
+    return tl.reshape(tl.permute(x, (0, 2, 1)), (ITEMS, LANES))
+
+
+@triton.jit
+def _vectors_first(x, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr):
+    """[ITEMS, LANES] -> [ITEMS // VEC, LANES, VEC], the inverse of _items_first."""
+    return tl.permute(tl.reshape(x, (ITEMS // VEC, VEC, LANES)), (0, 2, 1))
+
+
+@triton.jit
+def _load_tile(ptr, t, mask, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr):
+    """A chunk of a row (time contiguous) as a [ITEMS, LANES] fp32 tile, 0 where masked (mask
+    None: every step is in the sequence)."""
+    if mask is None:
+        x = tl.load(ptr + t)
+    else:
+        x = tl.load(ptr + t, mask=mask, other=0.0)
+    return _items_first(x.to(tl.float32), LANES, ITEMS, VEC)
+
+
+@triton.jit
+def _store_tile(ptr, t, mask, x, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr):
+    tl.store(ptr + t, _vectors_first(x, LANES, ITEMS, VEC).to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _item(x, i: tl.constexpr):
+    """Item i of every lane, [ITEMS, LANES] -> [LANES]. Adding -0.0 is exact, so the compiler
+    folds this to a register read."""
+    idx = tl.arange(0, x.shape[0])[:, None]
+    return tl.sum(tl.where(idx == i, x, -0.0), 0)
+
+
+@triton.jit
+def _shift_to_earlier(x, last):
+    """out[i] = x[i + 1] within each lane; out[ITEMS - 1] = last. Register renames only."""
+    idx = tl.arange(0, x.shape[0])[:, None]
+    out = tl.where(idx == x.shape[0] - 1, last[None, :], x)
+    for i in tl.static_range(x.shape[0] - 1):
+        out = tl.where(idx == i, _item(x, i + 1)[None, :], out)
+    return out
+
+
+@triton.jit
+def _shift_to_later(x, first):
+    """out[i] = x[i - 1] within each lane; out[0] = first. Register renames only."""
+    idx = tl.arange(0, x.shape[0])[:, None]
+    out = tl.where(idx == 0, first[None, :], x)
+    for i in tl.static_range(1, x.shape[0]):
+        out = tl.where(idx == i, _item(x, i - 1)[None, :], out)
+    return out
 
 
 @triton.jit
 def _affine_combine(a_l, x_l, a_r, x_r):
-    # (h -> a_l h + x_l) followed by (h -> a_r h + x_r)
+    """(h -> a_l h + x_l) followed by (h -> a_r h + x_r)."""
     return a_l * a_r, a_r * x_l + x_r
 
 
 @triton.jit
-def _load_tile(ptr, stride_b, stride_d, stride_l, pid_b, offs_d, offs_t, mask):
-    """A [BLOCK_D, BT] tile of a (batch, dim, L) tensor, as fp32 (0 where masked)."""
-    ptrs = ptr + pid_b * stride_b + offs_d[:, None] * stride_d + offs_t[None, :] * stride_l
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+def _affine_combine_saturating(a_l, x_l, a_r, x_r):
+    """_affine_combine whose decay product stops at the largest float: a growing scan's product
+    over many lanes would otherwise reach inf, and inf * (a zero state) is NaN."""
+    return tl.minimum(a_l * a_r, FLT_MAX, propagate_nan=tl.PropagateNan.ALL), a_r * x_l + x_r
 
 
 @triton.jit
-def _load_group_tile(ptr, stride_b, stride_g, stride_n, stride_l, pid_b, group, offs_n, offs_t, mask):
-    """A [1, BLOCK_N, BT] tile of a grouped (batch, G, N, L) B or C, as fp32."""
-    ptrs = ptr + pid_b * stride_b + group * stride_g + offs_n[:, None] * stride_n + offs_t[None, :] * stride_l
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)[None, :, :]
+def _lane_exp2(log2_decay):
+    """A decay over several steps, exp2 of a sum, kept finite (see _affine_combine_saturating)."""
+    return tl.exp2(tl.minimum(log2_decay, 127.0, propagate_nan=tl.PropagateNan.ALL))
 
 
 @triton.jit
-def _discretize(delta, bias, mask, dt_scale, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """dt = softplus(dt_scale * delta + bias) and d dt / d(pre-activation); dt = 0 where masked."""
+def _lane_states(decay, x, carry, LANES: tl.constexpr, REVERSE: tl.constexpr):
+    """The state entering each lane, from each lane's aggregate (decay, x) over its items and the
+    state `carry` entering the chunk ([LANES], the same in every lane). REVERSE runs toward
+    earlier lanes: the carry enters at the chunk's end and "entering" is at a lane's last item.
+    Returns (entering [LANES], the scan's totals; index LANES - 1 holds the state leaving the
+    chunk)."""
+    lane = tl.arange(0, LANES)
+    edge = LANES - 1 if REVERSE else 0
+    x = tl.where(lane == edge, x + decay * carry, x)
+    if REVERSE:  # scan the lanes in reverse order by index, not with reverse=True
+        order = LANES - 1 - lane
+        decay = tl.gather(decay, order, 0)
+        x = tl.gather(x, order, 0)
+    _, total = tl.associative_scan((decay, x), 0, _affine_combine_saturating)
+    entering = tl.gather(total, tl.maximum(lane - 1, 0), 0)
+    if REVERSE:
+        entering = tl.gather(entering, LANES - 1 - lane, 0)
+    return tl.where(lane == edge, carry, entering), total
+
+
+@triton.jit
+def _with_element(v, n, value_at, index):
+    """v with element n replaced by value_at[index] (v is a small [BLOCK_N] register vector)."""
+    offs = tl.arange(0, v.shape[0])
+    return tl.where(offs == n, tl.gather(value_at, tl.full(v.shape, index, tl.int32), 0), v)
+
+
+@triton.jit
+def _scan_items(a, x, entering):
+    """h_i = a_i h_{i-1} + x_i along each lane's items, from the state entering the lane."""
+    idx = tl.arange(0, a.shape[0])[:, None]
+    x = tl.where(idx == 0, x + a * entering[None, :], x)
+    _, h = tl.associative_scan((a, x), 0, _affine_combine)
+    return h
+
+
+@triton.jit
+def _scan_items_reverse(a, x, entering):
+    """g_i = a_i g_{i+1} + x_i along each lane's items, from the value entering at its end."""
+    idx = tl.arange(0, a.shape[0])[:, None]
+    x = tl.where(idx == a.shape[0] - 1, x + a * entering[None, :], x)
+    _, g = tl.associative_scan((tl.flip(a, 0), tl.flip(x, 0)), 0, _affine_combine)
+    return tl.flip(g, 0)
+
+
+@triton.jit
+def _lane_aggregate(a, x):
+    """Each lane's scan of its items from 0: the x part of its aggregate, [LANES]."""
+    _, h = tl.associative_scan((a, x), 0, _affine_combine)
+    return _item(h, a.shape[0] - 1)
+
+
+@triton.jit
+def _lane_aggregate_reverse(a, x):
+    _, g = tl.associative_scan((tl.flip(a, 0), tl.flip(x, 0)), 0, _affine_combine)
+    return _item(g, a.shape[0] - 1)
+
+
+@triton.jit
+def _pick(v, n, LANES: tl.constexpr):
+    """Element n of a small [BLOCK_N] register vector, broadcast to every lane: one shuffle."""
+    return tl.gather(v, tl.full([LANES], n, tl.int32), 0)
+
+
+@triton.jit
+def _log(x, FAST_MATH: tl.constexpr):
+    """Natural log: the GPU's approximate instruction (2^-22 relative error) when FAST_MATH,
+    else Triton's accurate one (the interpreter runs the same formulas with exact operations)."""
+    if FAST_MATH:
+        y = libdevice.fast_logf(x)
+    else:
+        y = tl.log(x)
+    return y
+
+
+@triton.jit
+def _reciprocal(x, FAST_MATH: tl.constexpr):
+    if FAST_MATH:
+        y = libdevice.fast_dividef(1.0, x)
+    else:
+        y = 1.0 / x
+    return y
+
+
+@triton.jit
+def _sigmoid(x, FAST_MATH: tl.constexpr):
+    return _reciprocal(1.0 + tl.exp2(-x * LOG2E), FAST_MATH)
+
+
+@triton.jit
+def _discretize(delta, bias, dt_scale, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+                FAST_MATH: tl.constexpr):
+    """dt = softplus(dt_scale * delta + bias) (threshold 20) and d dt / d(pre-activation)."""
     pre = delta * dt_scale
-    if HAS_BIAS:
-        pre += bias[:, None]
-    if SOFTPLUS:
-        e = tl.exp(tl.minimum(pre, 20.0))
+    if HAS_DELTA_BIAS:
+        pre += bias
+    if DELTA_SOFTPLUS:
+        e = tl.exp2(tl.minimum(pre, 20.0) * LOG2E)
         w = 1.0 + e
-        # log1p(e) without cancellation: log(w) * e / (w - 1), exact e where w rounds to 1
-        log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+        r = _reciprocal(w, FAST_MATH)
+        # log1p(e) = log(w) + log(1 + err / w), err = e - (w - 1) the rounding error of w (exact)
+        log1p_e = _log(w, FAST_MATH) + (e - (w - 1.0)) * r
         dt = tl.where(pre <= 20.0, log1p_e, pre)
-        ddt = tl.where(pre <= 20.0, e / w, 1.0)
+        ddt = tl.where(pre <= 20.0, e * r, 1.0)
     else:
         dt = pre
         ddt = tl.full(pre.shape, 1.0, tl.float32)
-    return tl.where(mask, dt, 0.0), ddt
+    return dt, ddt
 
 
 @triton.jit
-def _block_setup(pid_db, dim_per_group, blocks_per_group, d_state,
-                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Group, channel offsets and masks of this program's channel block."""
-    group = pid_db // blocks_per_group
-    group_end = (group + 1) * dim_per_group
-    offs_d = group * dim_per_group + (pid_db % blocks_per_group) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < group_end
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < d_state
-    return group.to(tl.int64), offs_d.to(tl.int64), mask_d, offs_n.to(tl.int64), mask_n
+def _log2_decay_rate(A):
+    """A * log2(e), the exponent of exp2 per unit dt, kept finite: A below -FLT_MAX / log2(e)
+    would give -inf, and -inf * (dt = 0) is NaN."""
+    return tl.maximum(A * LOG2E, -FLT_MAX)
 
 
 @triton.jit
-def _load_channel_params(A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, s_A_d, s_A_n, s_B_0, s_B_1, s_C_0, s_C_1,
-                         s_D, s_bias, b_scale, c_scale, offs_d, mask_d, offs_n, mask_n,
-                         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, B_VARIABLE: tl.constexpr,
-                         C_VARIABLE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The block's per-channel parameters in fp32: A and A * log2(e) [BLOCK_D, BLOCK_N, 1] (the
-    kernels take exp(dt A) as exp2(dt A log2(e))); D and delta_bias
-    [BLOCK_D] (0 when absent); fixed B and C [BLOCK_D, BLOCK_N, 1] times their multipliers
-    (unused when variable)."""
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0)
-    Dv = tl.zeros([BLOCK_D], tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d * s_D, mask=mask_d, other=0.0).to(tl.float32)
-    bias = tl.zeros([BLOCK_D], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d * s_bias, mask=mask_d, other=0.0).to(tl.float32)
-    B_fixed = tl.zeros([BLOCK_D, BLOCK_N, 1], tl.float32)
-    if not B_VARIABLE:
-        B_fixed = tl.load(B_ptr + offs_d[:, None] * s_B_0 + offs_n[None, :] * s_B_1,
-                          mask=mask_dn, other=0.0).to(tl.float32)[:, :, None] * b_scale
-    C_fixed = tl.zeros([BLOCK_D, BLOCK_N, 1], tl.float32)
-    if not C_VARIABLE:
-        C_fixed = tl.load(C_ptr + offs_d[:, None] * s_C_0 + offs_n[None, :] * s_C_1,
-                          mask=mask_dn, other=0.0).to(tl.float32)[:, :, None] * c_scale
-    A = A.to(tl.float32)[:, :, None]
-    return A, A * 1.4426950408889634, Dv, bias, B_fixed, C_fixed
+def _channel_row(ptr, offs_n, mask_n):
+    """A per-channel (N,) row (A, or a fixed B or C) as a [BLOCK_N] fp32 register vector."""
+    return tl.load(ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _chunk_scan(u_ptr, delta_ptr, B_ptr, C_ptr, s_u_b, s_u_d, s_u_l, s_delta_b, s_delta_d, s_delta_l,
-                s_B_0, s_B_1, s_B_2, s_B_3, s_C_0, s_C_1, s_C_2, s_C_3,
-                pid_b, group, offs_d, mask_d, offs_n, mask_n, offs_t, seqlen,
-                A_log2, bias, B_fixed, C_fixed, h_in, dt_scale, b_scale, c_scale,
-                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_VARIABLE: tl.constexpr,
-                C_VARIABLE: tl.constexpr):
-    """One chunk of the recurrence from the state h_in entering it; the forward kernel runs it
-    and the backward recomputes it. Returns the tile mask, u, dt and d dt/d(pre-activation)
-    [BLOCK_D, BT], B and C with their multipliers, and a, x and the states hs after each step
-    [BLOCK_D, BLOCK_N, BT]."""
-    mask_t = offs_t < seqlen
-    mask = mask_d[:, None] & mask_t[None, :]
-    mask_nt = mask_n[:, None] & mask_t[None, :]
-    u = _load_tile(u_ptr, s_u_b, s_u_d, s_u_l, pid_b, offs_d, offs_t, mask)
-    delta = _load_tile(delta_ptr, s_delta_b, s_delta_d, s_delta_l, pid_b, offs_d, offs_t, mask)
-    dt, ddt = _discretize(delta, bias, mask, dt_scale, HAS_BIAS, SOFTPLUS)
-    if B_VARIABLE:
-        Bt = _load_group_tile(B_ptr, s_B_0, s_B_1, s_B_2, s_B_3, pid_b, group, offs_n, offs_t, mask_nt) * b_scale
-    else:
-        Bt = B_fixed
-    if C_VARIABLE:
-        Ct = _load_group_tile(C_ptr, s_C_0, s_C_1, s_C_2, s_C_3, pid_b, group, offs_n, offs_t, mask_nt) * c_scale
-    else:
-        Ct = C_fixed
-    a = tl.exp2(dt[:, None, :] * A_log2)
-    x = (dt * u)[:, None, :] * Bt
-    a_prod, hs = tl.associative_scan((a, x), axis=2, combine_fn=_affine_combine)
-    hs = hs + a_prod * h_in[:, :, None]
-    return mask, u, dt, ddt, Bt, Ct, a, x, hs
+def _state_tile(row, n, stride_n, d_state, t, mask, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr):
+    """Variable B or C of state n (clamped to the last one) as a [ITEMS, LANES] tile."""
+    return _load_tile(row + tl.minimum(n, d_state - 1) * stride_n, t, mask, LANES, ITEMS, VEC)
 
 
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+def _has(name):
+    return lambda args: args[name] is not None
+
+
+def _variable(name):
+    return lambda args: args[name].dim() == 4
+
+
+@triton.heuristics({
+    "HAS_D": _has("D_ptr"), "HAS_Z": _has("z_ptr"), "HAS_DELTA_BIAS": _has("delta_bias_ptr"),
+    "HAS_INITIAL_STATE": _has("initial_state_ptr"), "B_VARIABLE": _variable("B_ptr"), "C_VARIABLE": _variable("C_ptr"),
+})
 @triton.jit
 def selective_scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
-    out_ptr, last_ptr, states_ptr,
-    seqlen, d_state, dim_per_group, blocks_per_group, n_chunks,
+    # inputs
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, initial_state_ptr,
+    # outputs
+    out_ptr, last_state_ptr, chunk_states_ptr,
+    # sizes
+    dim, seqlen, d_state, dim_per_group,
+    # strides: u, delta, z are (batch, dim, L) and variable B, C (batch, G, N, L), each with
+    # time contiguous; every other tensor is contiguous
+    stride_u_b, stride_u_d, stride_delta_b, stride_delta_d, stride_z_b, stride_z_d,
+    stride_B_b, stride_B_g, stride_B_n, stride_C_b, stride_C_g, stride_C_n,
+    # width multipliers
     dt_scale, b_scale, c_scale,
-    s_u_b, s_u_d, s_u_l, s_delta_b, s_delta_d, s_delta_l, s_z_b, s_z_d, s_z_l,
-    s_out_b, s_out_d, s_out_l,
-    s_A_d, s_A_n,
-    s_B_0, s_B_1, s_B_2, s_B_3, s_C_0, s_C_1, s_C_2, s_C_3,  # variable: (b, g, n, l); fixed: (d, n)
-    s_D, s_bias, s_h0_b, s_h0_d, s_h0_n, s_last_b, s_last_d, s_last_n,
-    s_st_b, s_st_d, s_st_c, s_st_n,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    SOFTPLUS: tl.constexpr, B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BT: tl.constexpr,
+    # meta
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr,
+    DELTA_SOFTPLUS: tl.constexpr, B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr,
+    BLOCK_N: tl.constexpr, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr,
+    SAVE_LANES: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
-    pid_b = tl.program_id(1).to(tl.int64)
-    group, offs_d, mask_d, offs_n, mask_n = _block_setup(tl.program_id(0), dim_per_group, blocks_per_group,
-                                                         d_state, BLOCK_D, BLOCK_N)
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    A, A_log2, Dv, bias, B_fixed, C_fixed = _load_channel_params(
-        A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, s_A_d, s_A_n, s_B_0, s_B_1, s_C_0, s_C_1, s_D, s_bias,
-        b_scale, c_scale, offs_d, mask_d, offs_n, mask_n, HAS_D, HAS_BIAS, B_VARIABLE, C_VARIABLE, BLOCK_D, BLOCK_N)
-    if HAS_H0:
-        h = tl.load(h0_ptr + pid_b * s_h0_b + offs_d[:, None] * s_h0_d + offs_n[None, :] * s_h0_n,
-                    mask=mask_dn, other=0.0).to(tl.float32)
+    """out, last_state, and the state entering every SAVE_LANES * ITEMS steps (the backward's
+    chunks) in chunk_states (batch, dim, n_saved, N)."""
+    d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    channel = b * dim + d  # row of the contiguous (batch, dim, ...) tensors
+    group = d // dim_per_group
+    lane = tl.arange(0, LANES)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < d_state
+
+    u_row = u_ptr + b * stride_u_b + d * stride_u_d
+    delta_row = delta_ptr + b * stride_delta_b + d * stride_delta_d
+    B_row = B_ptr + b * stride_B_b + group * stride_B_g  # variable B, C: this (batch, group)
+    C_row = C_ptr + b * stride_C_b + group * stride_C_g
+    # A and fixed B, C: the channel's rows in registers, one shuffle per state to read
+    A = _channel_row(A_ptr + d * d_state, offs_n, mask_n)
+    if not B_VARIABLE:
+        B_fixed = _channel_row(B_ptr + d * d_state, offs_n, mask_n)
+    if not C_VARIABLE:
+        C_fixed = _channel_row(C_ptr + d * d_state, offs_n, mask_n)
+    n_saved = tl.cdiv(seqlen, SAVE_LANES * ITEMS)
+    saved = chunk_states_ptr + channel * n_saved * d_state
+    bias = tl.load(delta_bias_ptr + d) if HAS_DELTA_BIAS else 0.0
+    D = tl.load(D_ptr + d) if HAS_D else 0.0
+
+    # The state of every n, carried from chunk to chunk in registers.
+    if HAS_INITIAL_STATE:
+        carry = tl.load(initial_state_ptr + channel * d_state + offs_n, mask=mask_n, other=0.0)
     else:
-        h = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
-    states = states_ptr + pid_b * s_st_b + offs_d[:, None] * s_st_d + offs_n[None, :] * s_st_n
-    t_idx = tl.arange(0, BT).to(tl.int64)  # int64 so every time offset below is int64
+        carry = tl.zeros([BLOCK_N], tl.float32)
 
-    for c in range(0, n_chunks):
-        tl.store(states + c * s_st_c, h, mask=mask_dn)
-        offs_t = c * BT + t_idx
-        mask, u, _, _, _, Ct, _, _, hs = _chunk_scan(
-            u_ptr, delta_ptr, B_ptr, C_ptr, s_u_b, s_u_d, s_u_l, s_delta_b, s_delta_d, s_delta_l,
-            s_B_0, s_B_1, s_B_2, s_B_3, s_C_0, s_C_1, s_C_2, s_C_3, pid_b, group, offs_d, mask_d, offs_n, mask_n,
-            offs_t, seqlen, A_log2, bias, B_fixed, C_fixed, h, dt_scale, b_scale, c_scale,
-            HAS_BIAS, SOFTPLUS, B_VARIABLE, C_VARIABLE)
-        y = tl.sum(hs * Ct, axis=1)
+    for c in range(0, tl.cdiv(seqlen, LANES * ITEMS)):
+        t = _time_offsets(c * LANES * ITEMS, LANES, ITEMS, VEC)
+        mask = None if EVEN else t < seqlen
+        u = _load_tile(u_row, t, mask, LANES, ITEMS, VEC)
+        delta = _load_tile(delta_row, t, mask, LANES, ITEMS, VEC)
+        dt, _ = _discretize(delta, bias, dt_scale, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)
+        if not EVEN:  # steps past the end: a = 1 and x = 0, the state passes through
+            dt = tl.where(_items_first(mask, LANES, ITEMS, VEC), dt, 0.0)
+        dtu = dt * u * b_scale
+        dt_lane = tl.sum(dt, 0)
+        save = c * (LANES // SAVE_LANES) + lane // SAVE_LANES
+        save_mask = (lane % SAVE_LANES == 0) & (save < n_saved)
+        y = tl.zeros([ITEMS, LANES], tl.float32)
+        # Variable B and C are loaded for the next state right after their last use, so that
+        # the load overlaps the rest of this state's work.
+        if B_VARIABLE:
+            B = _state_tile(B_row, 0, stride_B_n, d_state, t, mask, LANES, ITEMS, VEC)
+        if C_VARIABLE:
+            C = _state_tile(C_row, 0, stride_C_n, d_state, t, mask, LANES, ITEMS, VEC)
+        for n in range(0, d_state):
+            A2 = _log2_decay_rate(_pick(A, n, LANES))
+            a = tl.exp2(dt * A2)
+            if B_VARIABLE:
+                x = dtu * B
+                B = _state_tile(B_row, n + 1, stride_B_n, d_state, t, mask, LANES, ITEMS, VEC)
+            else:
+                x = dtu * _pick(B_fixed, n, LANES)
+            entering, total = _lane_states(_lane_exp2(dt_lane * A2), _lane_aggregate(a, x),
+                                           _pick(carry, n, LANES), LANES, False)
+            tl.store(saved + save * d_state + n, entering, mask=save_mask)
+            h = _scan_items(a, x, entering)
+            if C_VARIABLE:
+                y += C * h
+                C = _state_tile(C_row, n + 1, stride_C_n, d_state, t, mask, LANES, ITEMS, VEC)
+            else:
+                y += _pick(C_fixed, n, LANES) * h
+            carry = _with_element(carry, n, total, LANES - 1)
+        y = y * c_scale
         if HAS_D:
-            y += Dv[:, None] * u
+            y += D * u
         if HAS_Z:
-            z = _load_tile(z_ptr, s_z_b, s_z_d, s_z_l, pid_b, offs_d, offs_t, mask)
-            y *= z * tl.sigmoid(z)
-        out_ptrs = out_ptr + pid_b * s_out_b + offs_d[:, None] * s_out_d + offs_t[None, :] * s_out_l
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
-        h = tl.sum(tl.where(t_idx[None, None, :] == BT - 1, hs, 0.0), axis=2)  # state after the chunk
+            z = _load_tile(z_ptr + b * stride_z_b + d * stride_z_d, t, mask, LANES, ITEMS, VEC)
+            y *= z * _sigmoid(z, FAST_MATH)
+        _store_tile(out_ptr + channel * seqlen, t, mask, y, LANES, ITEMS, VEC)
 
-    tl.store(last_ptr + pid_b * s_last_b + offs_d[:, None] * s_last_d + offs_n[None, :] * s_last_n, h, mask=mask_dn)
+    tl.store(last_state_ptr + channel * d_state + offs_n, carry, mask=mask_n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _sum_all(x):
+    return tl.sum(tl.sum(x, 0), 0)
 
 
 @triton.jit
-def _store_group_grad(ptr, val, blk, pid_b, group, offs_n, offs_t, mask,
-                      s_blk, s_b, s_g, s_n, s_l, USE_ATOMIC: tl.constexpr):
-    """Write one channel block's [BLOCK_N, BT] contribution to dB or dC of a grouped B/C:
-    an fp32 atomic add into a shared buffer, or a plain store into this block's own slice
-    (deterministic; the slices are summed afterwards)."""
-    ptrs = ptr + blk * s_blk + pid_b * s_b + group * s_g + offs_n[:, None] * s_n + offs_t[None, :] * s_l
-    if USE_ATOMIC:
-        tl.atomic_add(ptrs, val, mask=mask)
-    else:
-        tl.store(ptrs, val, mask=mask)
+def _add_at(v, n, value):
+    """v + value at element n (v a small [BLOCK_N] register vector, value a scalar)."""
+    return tl.where(tl.arange(0, v.shape[0]) == n, v + value, v)
 
 
+@triton.heuristics({
+    "HAS_D": _has("D_ptr"), "HAS_Z": _has("z_ptr"), "HAS_DELTA_BIAS": _has("delta_bias_ptr"),
+    "HAS_DLAST_STATE": _has("dlast_state_ptr"), "B_VARIABLE": _variable("B_ptr"), "C_VARIABLE": _variable("C_ptr"),
+})
 @triton.jit
 def selective_scan_bwd_kernel(
-    dout_ptr, dlast_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
-    dim, seqlen, d_state, dim_per_group, blocks_per_group, n_chunks,
+    # inputs
+    dout_ptr, dlast_state_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr,
+    chunk_states_ptr,
+    # gradients
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddelta_bias_ptr, dinitial_state_ptr,
+    # sizes
+    dim, seqlen, d_state, dim_per_group,
+    # strides: as in the forward (dout like u); every gradient is contiguous
+    stride_dout_b, stride_dout_d, stride_u_b, stride_u_d, stride_delta_b, stride_delta_d, stride_z_b, stride_z_d,
+    stride_B_b, stride_B_g, stride_B_n, stride_C_b, stride_C_g, stride_C_n,
+    # width multipliers
     dt_scale, b_scale, c_scale,
-    s_dout_b, s_dout_d, s_dout_l, s_u_b, s_u_d, s_u_l, s_delta_b, s_delta_d, s_delta_l, s_z_b, s_z_d, s_z_l,
-    s_dx_b, s_dx_d, s_dx_l,  # du, ddelta and dz: contiguous outputs of one shape
-    s_A_d, s_A_n,
-    s_B_0, s_B_1, s_B_2, s_B_3, s_C_0, s_C_1, s_C_2, s_C_3,
-    s_D, s_bias, s_dlast_b, s_dlast_d, s_dlast_n,
-    s_st_b, s_st_d, s_st_c, s_st_n,
-    s_dB_blk, s_dB_0, s_dB_1, s_dB_2, s_dB_3, s_dC_blk, s_dC_0, s_dC_1, s_dC_2, s_dC_3,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
-    SOFTPLUS: tl.constexpr, B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr, USE_ATOMIC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BT: tl.constexpr,
+    # meta
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_DLAST_STATE: tl.constexpr,
+    DELTA_SOFTPLUS: tl.constexpr, B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr,
+    BLOCK_N: tl.constexpr, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr,
+    EVEN: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
-    """du, ddelta, dz are contiguous (batch, dim, L); dA, dh0, fixed dB/dC are contiguous
-    (batch, dim, N) fp32 per-batch partials; dD, dbias (batch, dim) partials; grouped dB/dC
-    fp32 (blocks, batch, G, N, L), strides given."""
-    pid_db = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    group, offs_d, mask_d, offs_n, mask_n = _block_setup(pid_db, dim_per_group, blocks_per_group,
-                                                         d_state, BLOCK_D, BLOCK_N)
-    blk = (pid_db % blocks_per_group).to(tl.int64)
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    A, A_log2, Dv, bias, B_fixed, C_fixed = _load_channel_params(
-        A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, s_A_d, s_A_n, s_B_0, s_B_1, s_C_0, s_C_1, s_D, s_bias,
-        b_scale, c_scale, offs_d, mask_d, offs_n, mask_n, HAS_D, HAS_BIAS, B_VARIABLE, C_VARIABLE, BLOCK_D, BLOCK_N)
-    # dL/dh at the chunk's last step, from the steps after it (initially from last_state).
-    if HAS_DLAST:
-        dh = tl.load(dlast_ptr + pid_b * s_dlast_b + offs_d[:, None] * s_dlast_d + offs_n[None, :] * s_dlast_n,
-                     mask=mask_dn, other=0.0).to(tl.float32)
+    """Chunks of LANES * ITEMS steps, the forward's saved states' spacing. du, ddelta, dz are
+    (batch, dim, L); variable dB, dC fp32 (batch, G, N, L), summed over channels with atomics;
+    dA, dinitial_state and fixed dB, dC (batch, dim, N) and dD, ddelta_bias (batch, dim) are
+    per-batch partials, summed afterwards in a fixed order."""
+    d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    channel = b * dim + d
+    group = d // dim_per_group
+    groups = dim // dim_per_group
+    lane = tl.arange(0, LANES)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < d_state
+
+    dout_row = dout_ptr + b * stride_dout_b + d * stride_dout_d
+    u_row = u_ptr + b * stride_u_b + d * stride_u_d
+    delta_row = delta_ptr + b * stride_delta_b + d * stride_delta_d
+    B_row = B_ptr + b * stride_B_b + group * stride_B_g
+    C_row = C_ptr + b * stride_C_b + group * stride_C_g
+    A = _channel_row(A_ptr + d * d_state, offs_n, mask_n)
+    if not B_VARIABLE:
+        B_fixed = _channel_row(B_ptr + d * d_state, offs_n, mask_n)
+    if not C_VARIABLE:
+        C_fixed = _channel_row(C_ptr + d * d_state, offs_n, mask_n)
+    dBC_row = (b * groups + group) * d_state * seqlen  # variable dB, dC: (batch, G, N, L)
+    n_chunks = tl.cdiv(seqlen, LANES * ITEMS)
+    saved = chunk_states_ptr + channel * n_chunks * d_state
+    bias = tl.load(delta_bias_ptr + d) if HAS_DELTA_BIAS else 0.0
+    D = tl.load(D_ptr + d) if HAS_D else 0.0
+
+    # dL/dh of the state leaving the current chunk, from every later step (and from last_state).
+    if HAS_DLAST_STATE:
+        dcarry = tl.load(dlast_state_ptr + channel * d_state + offs_n, mask=mask_n, other=0.0)
     else:
-        dh = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
-    dA_acc = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
-    dB_acc = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
-    dC_acc = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
-    dD_acc = tl.zeros([BLOCK_D], tl.float32)
-    dbias_acc = tl.zeros([BLOCK_D], tl.float32)
-    states = states_ptr + pid_b * s_st_b + offs_d[:, None] * s_st_d + offs_n[None, :] * s_st_n
-    t_idx = tl.arange(0, BT).to(tl.int64)  # int64 so every time offset below is int64
+        dcarry = tl.zeros([BLOCK_N], tl.float32)
+    dA = tl.zeros([BLOCK_N], tl.float32)
+    dB_fixed = tl.zeros([BLOCK_N], tl.float32)
+    dC_fixed = tl.zeros([BLOCK_N], tl.float32)
+    dD = tl.zeros([LANES], tl.float32)
+    dbias = tl.zeros([LANES], tl.float32)
 
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
-        t0 = c * BT
-        h_in = tl.load(states + c * s_st_c, mask=mask_dn, other=0.0)
-
-        # Recompute the chunk forward (time ascending).
-        offs_t = t0 + t_idx
-        mask, u, dt, ddt, Bt, Ct, a, x, hs = _chunk_scan(
-            u_ptr, delta_ptr, B_ptr, C_ptr, s_u_b, s_u_d, s_u_l, s_delta_b, s_delta_d, s_delta_l,
-            s_B_0, s_B_1, s_B_2, s_B_3, s_C_0, s_C_1, s_C_2, s_C_3, pid_b, group, offs_d, mask_d, offs_n, mask_n,
-            offs_t, seqlen, A_log2, bias, B_fixed, C_fixed, h_in, dt_scale, b_scale, c_scale,
-            HAS_BIAS, SOFTPLUS, B_VARIABLE, C_VARIABLE)
-        mask_nt = mask_n[:, None] & (offs_t < seqlen)[None, :]
-        dtu = dt * u
-
-        dout = _load_tile(dout_ptr, s_dout_b, s_dout_d, s_dout_l, pid_b, offs_d, offs_t, mask)
-        if HAS_Z:
-            z = _load_tile(z_ptr, s_z_b, s_z_d, s_z_l, pid_b, offs_d, offs_t, mask)
-            sig = tl.sigmoid(z)
-            y = tl.sum(hs * Ct, axis=1)
-            if HAS_D:
-                y += Dv[:, None] * u
-            dz = dout * y * sig * (1.0 + z * (1.0 - sig))
-            tl.store(dz_ptr + pid_b * s_dx_b + offs_d[:, None] * s_dx_d + offs_t[None, :] * s_dx_l,
-                     dz.to(dz_ptr.dtype.element_ty), mask=mask)
-            dy = dout * z * sig
-        else:
-            dy = dout
-
-        # Adjoint recurrence, time descending: position s holds step t0 + BT - 1 - s.
-        offs_r = t0 + (BT - 1 - t_idx)
-        mask_r = mask_d[:, None] & (offs_r < seqlen)[None, :]
-        dout_r = _load_tile(dout_ptr, s_dout_b, s_dout_d, s_dout_l, pid_b, offs_d, offs_r, mask_r)
-        if HAS_Z:
-            z_r = _load_tile(z_ptr, s_z_b, s_z_d, s_z_l, pid_b, offs_d, offs_r, mask_r)
-            dout_r = dout_r * z_r * tl.sigmoid(z_r)
-        if C_VARIABLE:
-            Ct_r = _load_group_tile(C_ptr, s_C_0, s_C_1, s_C_2, s_C_3, pid_b, group, offs_n, offs_r,
-                                    mask_n[:, None] & (offs_r < seqlen)[None, :]) * c_scale
-        else:
-            Ct_r = C_fixed
-        # g_t = a_{t+1} g_{t+1} + C_t dy_t: the decay at position s is that of step t + 1, which
-        # belongs to the chunk (s > 0) and the sequence; elsewhere dt = 0 makes it 1.
-        offs_next = offs_r + 1
-        mask_next = mask_d[:, None] & ((offs_next < seqlen) & (t_idx > 0))[None, :]
-        delta_next = _load_tile(delta_ptr, s_delta_b, s_delta_d, s_delta_l, pid_b, offs_d, offs_next, mask_next)
-        dt_next, _ = _discretize(delta_next, bias, mask_next, dt_scale, HAS_BIAS, SOFTPLUS)
-        alpha = tl.exp2(dt_next[:, None, :] * A_log2)
-        alpha_prod, g_r = tl.associative_scan((alpha, Ct_r * dout_r[:, None, :]), axis=2,
-                                              combine_fn=_affine_combine)
-        g = tl.flip(g_r + alpha_prod * dh[:, :, None], 2)  # dL/dh_t, time ascending
-
-        # Gradients of the chunk's inputs.
+        t = _time_offsets(c * LANES * ITEMS, LANES, ITEMS, VEC)
+        mask = None if EVEN else t < seqlen
+        h_start = tl.load(saved + c * d_state + offs_n, mask=mask_n, other=0.0)
+        u = _load_tile(u_row, t, mask, LANES, ITEMS, VEC)
+        delta = _load_tile(delta_row, t, mask, LANES, ITEMS, VEC)
+        dt, ddt = _discretize(delta, bias, dt_scale, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)
+        if not EVEN:
+            ddt = tl.where(_items_first(mask, LANES, ITEMS, VEC), ddt, 0.0)
+            dt = tl.where(_items_first(mask, LANES, ITEMS, VEC), dt, 0.0)
+        dtu = dt * u * b_scale
+        dt_lane = tl.sum(dt, 0)
+        # sum of each lane's decays toward the next step, a_{t+1}: 1 after the chunk's last step
+        dt_first = _item(dt, 0)
+        dt_after = tl.where(lane == LANES - 1, 0.0, tl.gather(dt_first, tl.minimum(lane + 1, LANES - 1), 0))
+        dt_next_lane = dt_lane - dt_first + dt_after
+        dy = _load_tile(dout_row, t, mask, LANES, ITEMS, VEC)
+        if HAS_Z:  # out = y * silu(z); dz is computed after the state loop, which accumulates y
+            z_row = z_ptr + b * stride_z_b + d * stride_z_d
+            z = _load_tile(z_row, t, mask, LANES, ITEMS, VEC)
+            dy *= z * _sigmoid(z, FAST_MATH)
+            y = tl.zeros([ITEMS, LANES], tl.float32)
+        dyc = dy * c_scale
+        dx = tl.zeros([ITEMS, LANES], tl.float32)  # sum over n of g_t B_t: du and ddelta through x
+        ddt_decay = tl.zeros([ITEMS, LANES], tl.float32)  # sum over n of g_t A a_t h_{t-1}
         if B_VARIABLE:
-            _store_group_grad(dB_ptr, tl.sum(g * dtu[:, None, :], axis=0) * b_scale, blk, pid_b, group,
-                              offs_n, offs_t, mask_nt, s_dB_blk, s_dB_0, s_dB_1, s_dB_2, s_dB_3, USE_ATOMIC)
-        else:
-            dB_acc += tl.sum(g * dtu[:, None, :], axis=2)
+            B = _state_tile(B_row, 0, stride_B_n, d_state, t, mask, LANES, ITEMS, VEC)
         if C_VARIABLE:
-            _store_group_grad(dC_ptr, tl.sum(hs * dy[:, None, :], axis=0) * c_scale, blk, pid_b, group,
-                              offs_n, offs_t, mask_nt, s_dC_blk, s_dC_0, s_dC_1, s_dC_2, s_dC_3, USE_ATOMIC)
-        else:
-            dC_acc += tl.sum(hs * dy[:, None, :], axis=2)
-        du = tl.sum(g * Bt, axis=1) * dt
-        if HAS_D:
-            du += Dv[:, None] * dy
-            dD_acc += tl.sum(dy * u, axis=1)
-        tl.store(du_ptr + pid_b * s_dx_b + offs_d[:, None] * s_dx_d + offs_t[None, :] * s_dx_l,
-                 du.to(du_ptr.dtype.element_ty), mask=mask)
-        decayed = hs - x  # = a_t h_{t-1}, without dividing by a_t
-        d_dt = tl.sum(g * (Bt * u[:, None, :] + decayed * A), axis=1)
-        dA_acc += tl.sum(g * decayed * dt[:, None, :], axis=2)
-        d_pre = tl.where(mask, d_dt * ddt, 0.0)
-        tl.store(ddelta_ptr + pid_b * s_dx_b + offs_d[:, None] * s_dx_d + offs_t[None, :] * s_dx_l,
-                 (d_pre * dt_scale).to(ddelta_ptr.dtype.element_ty), mask=mask)
-        dbias_acc += tl.sum(d_pre, axis=1)
-        dh = tl.sum(tl.where(t_idx[None, None, :] == 0, g * a, 0.0), axis=2)  # dL/dh entering the chunk
+            C = _state_tile(C_row, 0, stride_C_n, d_state, t, mask, LANES, ITEMS, VEC)
+        for n in range(0, d_state):
+            if not B_VARIABLE:
+                B = _pick(B_fixed, n, LANES)
+            A_n = _pick(A, n, LANES)
+            A2 = _log2_decay_rate(A_n)
+            # the chunk's states again, from the saved one
+            a = tl.exp2(dt * A2)
+            x = dtu * B
+            entering, _ = _lane_states(_lane_exp2(dt_lane * A2), _lane_aggregate(a, x), _pick(h_start, n, LANES),
+                                       LANES, False)
+            h = _scan_items(a, x, entering)
+            decayed = a * _shift_to_later(h, entering)  # a_t h_{t-1}
+            # adjoint g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}
+            a_first = _item(a, 0)
+            a_after = tl.where(lane == LANES - 1, 1.0, tl.gather(a_first, tl.minimum(lane + 1, LANES - 1), 0))
+            a_next = _shift_to_earlier(a, a_after)
+            if C_VARIABLE:  # C is loaded for the next state right after its last use
+                v = C * dyc
+                if HAS_Z:
+                    y += C * h
+                C = _state_tile(C_row, n + 1, stride_C_n, d_state, t, mask, LANES, ITEMS, VEC)
+            else:
+                v = _pick(C_fixed, n, LANES) * dyc
+                if HAS_Z:
+                    y += _pick(C_fixed, n, LANES) * h
+            g_entering, g_total = _lane_states(_lane_exp2(dt_next_lane * A2), _lane_aggregate_reverse(a_next, v),
+                                               _pick(dcarry, n, LANES), LANES, True)
+            g = _scan_items_reverse(a_next, v, g_entering)
+            # dL/dh_{t0 - 1} = a_{t0} g_{t0}, carried to the previous chunk
+            dcarry = tl.where(offs_n == n, tl.gather(a_first, tl.zeros([BLOCK_N], tl.int32), 0)
+                              * tl.gather(g_total, tl.full([BLOCK_N], LANES - 1, tl.int32), 0), dcarry)
 
-    # Per-batch partials, contiguous: (batch, dim, N) and (batch, dim).
-    offs_dn = pid_b * dim * d_state + offs_d[:, None] * d_state + offs_n[None, :]
-    offs_bd = pid_b * dim + offs_d
-    tl.store(dh0_ptr + offs_dn, dh, mask=mask_dn)
-    tl.store(dA_ptr + offs_dn, dA_acc, mask=mask_dn)
+            if B_VARIABLE:
+                tl.atomic_add(dB_ptr + dBC_row + n * seqlen + t, _vectors_first(g * dtu, LANES, ITEMS, VEC),
+                              mask=mask, sem="relaxed")
+            else:
+                dB_fixed = _add_at(dB_fixed, n, _sum_all(g * dtu))
+            if C_VARIABLE:
+                tl.atomic_add(dC_ptr + dBC_row + n * seqlen + t, _vectors_first(h * dyc, LANES, ITEMS, VEC),
+                              mask=mask, sem="relaxed")
+            else:
+                dC_fixed = _add_at(dC_fixed, n, _sum_all(h * dyc))
+            dx += g * B
+            if B_VARIABLE:
+                B = _state_tile(B_row, n + 1, stride_B_n, d_state, t, mask, LANES, ITEMS, VEC)
+            g_decayed = g * decayed
+            ddt_decay += g_decayed * A_n
+            dA = _add_at(dA, n, _sum_all(g_decayed * dt))
+
+        if HAS_Z:  # dout and z again rather than kept live through the state loop
+            y = y * c_scale
+            if HAS_D:
+                y += D * u
+            z = _load_tile(z_row, t, mask, LANES, ITEMS, VEC)
+            sig = _sigmoid(z, FAST_MATH)
+            dz = _load_tile(dout_row, t, mask, LANES, ITEMS, VEC) * y * sig * (1.0 + z * (1.0 - sig))
+            _store_tile(dz_ptr + channel * seqlen, t, mask, dz, LANES, ITEMS, VEC)
+        du = dx * dt * b_scale
+        if HAS_D:
+            du += D * dy
+            dD += tl.sum(dy * u, 0)
+        _store_tile(du_ptr + channel * seqlen, t, mask, du, LANES, ITEMS, VEC)
+        dpre = (dx * u * b_scale + ddt_decay) * ddt
+        _store_tile(ddelta_ptr + channel * seqlen, t, mask, dpre * dt_scale, LANES, ITEMS, VEC)
+        dbias += tl.sum(dpre, 0)
+
+    tl.store(dinitial_state_ptr + channel * d_state + offs_n, dcarry, mask=mask_n)
+    tl.store(dA_ptr + channel * d_state + offs_n, dA, mask=mask_n)
     if not B_VARIABLE:
-        tl.store(dB_ptr + offs_dn, dB_acc * b_scale, mask=mask_dn)
+        tl.store(dB_ptr + channel * d_state + offs_n, dB_fixed, mask=mask_n)
     if not C_VARIABLE:
-        tl.store(dC_ptr + offs_dn, dC_acc * c_scale, mask=mask_dn)
+        tl.store(dC_ptr + channel * d_state + offs_n, dC_fixed, mask=mask_n)
     if HAS_D:
-        tl.store(dD_ptr + offs_bd, dD_acc, mask=mask_d)
-    if HAS_BIAS:
-        tl.store(dbias_ptr + offs_bd, dbias_acc, mask=mask_d)
+        tl.store(dD_ptr + channel, tl.sum(dD, 0))
+    if HAS_DELTA_BIAS:
+        tl.store(ddelta_bias_ptr + channel, tl.sum(dbias, 0))
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-# Elements of one [BLOCK_D, BLOCK_N, BT] tile: on a GPU this bounds the registers a program
-# needs. Under the interpreter it is small so that even tiny test shapes have several channel
-# blocks per group (partial blocks, cross-block dB/dC sums).
-_TILE_ELEMENTS = {"cuda": 4096, "interpreter": 128}
-# GPU defaults, not tuned for speed yet: chosen from ptxas' register report for sm_90 (see
-# tests/compile_for_gpu.py), where 8 warps and BLOCK_D <= 16 keep the backward's spills small.
-_CUDA_MAX_BLOCK_D = 16
-_CUDA_NUM_WARPS = 8
+class Geometry:
+    """Tile sizes of one call. On a GPU a lane is a thread and LANES = 32 one warp. The
+    interpreter (CPU tensors) runs the same code on small tiles, so that tests of a few dozen
+    steps cross several chunks and the forward's chunks differ from the backward's."""
+
+    def __init__(self, seqlen: int, d_state: int, io_dtypes, device: torch.device):
+        on_gpu = device.type != "cpu"  # the interpreter runs CPU tensors; "meta" compiles for the GPU
+        self.lanes = 32 if on_gpu else 4
+        items = triton.next_power_of_2(triton.cdiv(seqlen, self.lanes))
+        # The backward keeps about twice as many values per item live as the forward: 8 and 16
+        # items per lane fit in 255 registers without spills (tests/compile_for_gpu.py).
+        max_fwd, max_bwd = (16, 8) if on_gpu else (8, 4)
+        self.items_bwd = min(items, max_bwd)
+        self.items_fwd = max(min(items, max_fwd), self.items_bwd)
+        # Consecutive steps per vector load: 16 bytes of the widest io dtype (2 on the CPU, so
+        # that the tests cover several vectors per lane).
+        vec = min(16 // dtype.itemsize for dtype in io_dtypes) if on_gpu else 2
+        self.vec = min(vec, self.items_bwd)
+        self.block_n = triton.next_power_of_2(d_state)
+        self.state_chunk = self.lanes * self.items_bwd  # steps between the states the forward saves
+        self.n_saved = triton.cdiv(seqlen, self.state_chunk)
+        self.even_fwd = seqlen % (self.lanes * self.items_fwd) == 0  # no partial chunk: no masks
+        self.even_bwd = seqlen % self.state_chunk == 0
+        self.fast_math = on_gpu
+        self.num_warps = 1  # one warp per program: LANES lanes
+
+    @classmethod
+    def of(cls, u, B, C, z=None):
+        io_dtypes = [u.dtype] + [t.dtype for t in (B, C, z) if t is not None and t.dim() >= 3]
+        return cls(u.shape[2], B.shape[-2] if B.dim() == 4 else B.shape[1], io_dtypes, u.device)
 
 
-def triton_chunk_size(d_state: int, device: torch.device) -> int:
-    """Steps per chunk (BT). Under the interpreter (CPU tensors) 16: its scan runs element by
-    element in Python, so small tiles keep it fast and put chunk boundaries in small tests."""
-    if device.type != "cuda":
-        return 16
-    block_n = triton.next_power_of_2(d_state)
-    return 64 if block_n <= 16 else 32 if block_n <= 64 else 16
+def _time_contiguous(t):
+    """The tensor itself when its last stride is 1 (any other strides are passed to the
+    kernels), else a contiguous copy."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def _blocks(d_state: int, dim_per_group: int, device: torch.device):
-    """(BLOCK_D, BLOCK_N, BT, blocks per group)."""
-    bt = triton_chunk_size(d_state, device)
-    block_n = triton.next_power_of_2(d_state)
-    on_gpu = device.type == "cuda"
-    block_d = min(triton.next_power_of_2(dim_per_group),
-                  max(1, _TILE_ELEMENTS["cuda" if on_gpu else "interpreter"] // (bt * block_n)))
-    if on_gpu:
-        block_d = min(block_d, _CUDA_MAX_BLOCK_D)
-    return block_d, block_n, bt, triton.cdiv(dim_per_group, block_d)
+def _contiguous(t):
+    return None if t is None else t.contiguous()
 
 
-def _num_warps(device: torch.device) -> int:
-    return _CUDA_NUM_WARPS if device.type == "cuda" else 4
+def _row_strides(t):
+    """(batch, dim) strides of a (batch, dim, L) tensor; zeros when absent."""
+    return (0, 0) if t is None else (t.stride(0), t.stride(1))
+
+
+def _state_matrix(X):
+    """Fixed B or C contiguous; variable ones in fp32 with time contiguous: every channel reads
+    them, so they are converted once here rather than once per channel in the kernels."""
+    return X.contiguous() if X.dim() == 2 else _time_contiguous(X.float())
 
 
 def _state_matrix_strides(X):
-    """(batch, group, n, l) strides of a grouped B/C, or (d, n, 0, 0) of a fixed one."""
-    return tuple(X.stride()) if X.dim() == 4 else (X.stride(0), X.stride(1), 0, 0)
-
-
-def _strides(t, n):
-    return tuple(t.stride()) if t is not None else (0,) * n
+    """(batch, group, n) strides of a variable (batch, G, N, L) B or C; zeros when fixed."""
+    return tuple(X.stride()[:3]) if X.dim() == 4 else (0, 0, 0)
 
 
 def selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, initial_state, groups: int,
@@ -390,84 +625,75 @@ def selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, initial_state
     """Forward. B, C as returned by check_inputs. Returns (out, last_state, chunk_states)."""
     batch, dim, seqlen = u.shape
     N = A.shape[1]
-    dim_per_group = dim // groups
-    BLOCK_D, BLOCK_N, BT, blocks_per_group = _blocks(N, dim_per_group, u.device)
-    n_chunks = triton.cdiv(seqlen, BT)
+    u, delta, z = _time_contiguous(u), _time_contiguous(delta), _time_contiguous(z)
+    B, C = _state_matrix(B), _state_matrix(C)
+    geo = Geometry.of(u, B, C, z)
     out = new_buffer(batch, dim, seqlen, dtype=u.dtype, device=u.device)
     last_state = new_buffer(batch, dim, N, dtype=torch.float32, device=u.device)
-    states = new_buffer(batch, dim, n_chunks, N, dtype=torch.float32, device=u.device)
-    grid = (groups * blocks_per_group, batch)
-    selective_scan_fwd_kernel[grid](
-        u, delta, A, B, C, D, z, delta_bias, initial_state, out, last_state, states,
-        seqlen, N, dim_per_group, blocks_per_group, n_chunks,
-        dt_scale, b_scale, c_scale,
-        *u.stride(), *delta.stride(), *_strides(z, 3), *out.stride(),
-        *A.stride(), *_state_matrix_strides(B), *_state_matrix_strides(C),
-        *_strides(D, 1), *_strides(delta_bias, 1), *_strides(initial_state, 3), *last_state.stride(),
-        *states.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        HAS_H0=initial_state is not None, SOFTPLUS=delta_softplus,
-        B_VARIABLE=B.dim() == 4, C_VARIABLE=C.dim() == 4,
-        BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BT=BT, num_warps=_num_warps(u.device),
+    chunk_states = new_buffer(batch, dim, geo.n_saved, N, dtype=torch.float32, device=u.device)
+    selective_scan_fwd_kernel[(dim, batch)](
+        u_ptr=u, delta_ptr=delta, A_ptr=A.contiguous(), B_ptr=B, C_ptr=C, D_ptr=_contiguous(D), z_ptr=z,
+        delta_bias_ptr=_contiguous(delta_bias), initial_state_ptr=_contiguous(initial_state),
+        out_ptr=out, last_state_ptr=last_state, chunk_states_ptr=chunk_states,
+        dim=dim, seqlen=seqlen, d_state=N, dim_per_group=dim // groups,
+        stride_u_b=u.stride(0), stride_u_d=u.stride(1), stride_delta_b=delta.stride(0),
+        stride_delta_d=delta.stride(1), **dict(zip(("stride_z_b", "stride_z_d"), _row_strides(z))),
+        **dict(zip(("stride_B_b", "stride_B_g", "stride_B_n"), _state_matrix_strides(B))),
+        **dict(zip(("stride_C_b", "stride_C_g", "stride_C_n"), _state_matrix_strides(C))),
+        dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale,
+        DELTA_SOFTPLUS=delta_softplus, BLOCK_N=geo.block_n, LANES=geo.lanes, ITEMS=geo.items_fwd, VEC=geo.vec,
+        SAVE_LANES=geo.state_chunk // geo.items_fwd, EVEN=geo.even_fwd, FAST_MATH=geo.fast_math,
+        num_warps=geo.num_warps,
     )
-    return out, last_state, states
+    return out, last_state, chunk_states
 
 
 def selective_scan_bwd_triton(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states,
                               groups: int, delta_softplus: bool, dt_scale: float, b_scale: float,
                               c_scale: float, deterministic: bool = False):
-    """Backward from the saved chunk states; same returns as selective_scan_bwd_torch.
-
-    Grouped dB/dC sum over the channel blocks of a group. Default: fp32 atomics into one
-    buffer (order-dependent rounding). Deterministic: each block writes its own slice of a
-    (blocks per group, batch, G, N, L) buffer, summed afterwards in a fixed order.
-    """
+    """Backward from the saved chunk states; same returns as selective_scan_bwd_torch."""
     batch, dim, seqlen = u.shape
     N = A.shape[1]
-    dim_per_group = dim // groups
-    BLOCK_D, BLOCK_N, BT, blocks_per_group = _blocks(N, dim_per_group, u.device)
-    n_chunks = chunk_states.shape[2]
+    dout, u, delta, z = (_time_contiguous(t) for t in (dout, u, delta, z))
+    B_dtype, C_dtype = B.dtype, C.dtype
+    B, C = _state_matrix(B), _state_matrix(C)
+    geo = Geometry.of(u, B, C, z)
     f32 = dict(dtype=torch.float32, device=u.device)
     du = new_buffer(batch, dim, seqlen, dtype=u.dtype, device=u.device)
     ddelta = new_buffer(batch, dim, seqlen, dtype=delta.dtype, device=u.device)
     dz = None if z is None else new_buffer(batch, dim, seqlen, dtype=z.dtype, device=u.device)
     dA = new_buffer(batch, dim, N, **f32)
-    dh0 = new_buffer(batch, dim, N, **f32)
+    dinitial_state = new_buffer(batch, dim, N, **f32)
     dD = None if D is None else new_buffer(batch, dim, **f32)
-    dbias = None if delta_bias is None else new_buffer(batch, dim, **f32)
-    use_atomic = blocks_per_group > 1 and not deterministic
+    ddelta_bias = None if delta_bias is None else new_buffer(batch, dim, **f32)
 
-    def state_matrix_grad(X):
-        if X.dim() == 2:
-            return new_buffer(batch, dim, N, **f32)
-        if use_atomic:
-            return torch.zeros(1, batch, groups, N, seqlen, **f32)
-        return new_buffer(blocks_per_group, batch, groups, N, seqlen, **f32)
+    def state_matrix_grad(X):  # fixed: per-batch partials; variable: atomics sum the channels
+        return new_buffer(batch, dim, N, **f32) if X.dim() == 2 else torch.zeros(batch, groups, N, seqlen, **f32)
     dB, dC = state_matrix_grad(B), state_matrix_grad(C)
-
-    def grad_strides(dX, X):
-        if X.dim() == 2:
-            return (0,) * 5
-        # With atomics every block adds into the one slice: block stride 0.
-        return (0 if use_atomic else dX.stride(0),) + tuple(dX.stride()[1:])
-
-    grid = (groups * blocks_per_group, batch)
-    selective_scan_bwd_kernel[grid](
-        dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states,
-        du, ddelta, dz, dA, dB, dC, dD, dbias, dh0,
-        dim, seqlen, N, dim_per_group, blocks_per_group, n_chunks,
-        dt_scale, b_scale, c_scale,
-        *dout.stride(), *u.stride(), *delta.stride(), *_strides(z, 3), *du.stride(),
-        *A.stride(), *_state_matrix_strides(B), *_state_matrix_strides(C),
-        *_strides(D, 1), *_strides(delta_bias, 1), *_strides(dlast_state, 3),
-        *chunk_states.stride(),
-        *grad_strides(dB, B), *grad_strides(dC, C),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        HAS_DLAST=dlast_state is not None, SOFTPLUS=delta_softplus,
-        B_VARIABLE=B.dim() == 4, C_VARIABLE=C.dim() == 4, USE_ATOMIC=use_atomic,
-        BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BT=BT, num_warps=_num_warps(u.device),
+    selective_scan_bwd_kernel[(dim, batch)](
+        dout_ptr=dout, dlast_state_ptr=_contiguous(dlast_state), u_ptr=u, delta_ptr=delta, A_ptr=A.contiguous(),
+        B_ptr=B, C_ptr=C, D_ptr=_contiguous(D), z_ptr=z, delta_bias_ptr=_contiguous(delta_bias),
+        chunk_states_ptr=chunk_states,
+        du_ptr=du, ddelta_ptr=ddelta, dz_ptr=dz, dA_ptr=dA, dB_ptr=dB, dC_ptr=dC, dD_ptr=dD,
+        ddelta_bias_ptr=ddelta_bias, dinitial_state_ptr=dinitial_state,
+        dim=dim, seqlen=seqlen, d_state=N, dim_per_group=dim // groups,
+        stride_dout_b=dout.stride(0), stride_dout_d=dout.stride(1), stride_u_b=u.stride(0), stride_u_d=u.stride(1),
+        stride_delta_b=delta.stride(0), stride_delta_d=delta.stride(1),
+        **dict(zip(("stride_z_b", "stride_z_d"), _row_strides(z))),
+        **dict(zip(("stride_B_b", "stride_B_g", "stride_B_n"), _state_matrix_strides(B))),
+        **dict(zip(("stride_C_b", "stride_C_g", "stride_C_n"), _state_matrix_strides(C))),
+        dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale,
+        DELTA_SOFTPLUS=delta_softplus, BLOCK_N=geo.block_n, LANES=geo.lanes, ITEMS=geo.items_bwd, VEC=geo.vec,
+        EVEN=geo.even_bwd, FAST_MATH=geo.fast_math, num_warps=geo.num_warps,
     )
-    # Fixed order sums over batch (and channel blocks): deterministic.
-    return (du, ddelta, dA.sum(0).to(A.dtype), dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype),
+    # Fixed-order sums over batch: deterministic.
+    def state_matrix_result(dX, X, dtype):
+        return (dX.sum(0) if X.dim() == 2 else dX).to(dtype)
+    return (du, ddelta, dA.sum(0).to(A.dtype), state_matrix_result(dB, B, B_dtype), state_matrix_result(dC, C, C_dtype),
             None if D is None else dD.sum(0).to(D.dtype), dz,
-            None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype), dh0)
+            None if delta_bias is None else ddelta_bias.sum(0).to(delta_bias.dtype), dinitial_state)
+
+
+def triton_chunk_size(seqlen: int, device: torch.device) -> int:
+    """Steps between the states the forward saves for the backward."""
+    return Geometry(seqlen, 1, [torch.float32], device).state_chunk

@@ -25,19 +25,21 @@ def linear_scan(a: torch.Tensor, x: torch.Tensor, reverse: bool = False):
     """Inclusive scan of h_t = a_t * h_{t-1} + x_t along the last dim, from h = 0.
 
     With reverse=True, the suffix recurrence h_t = a_t * h_{t+1} + x_t instead.
-    Returns (products of a over each prefix or suffix, h). Only multiplies decays, never
-    divides, so it is as stable as the sequential loop.
+    Returns h. Only multiplies decays, never divides, so it is as stable as the sequential
+    loop. The decay products stop at the largest float: a growing scan (a > 1) would otherwise
+    reach inf, and inf * (a zero state) is NaN where the sequential loop gives a number.
     """
     k, T = 1, a.shape[-1]
+    big = torch.finfo(a.dtype).max
     while k < T:
         if reverse:
             x = torch.cat([x[..., :-k] + a[..., :-k] * x[..., k:], x[..., -k:]], dim=-1)
-            a = torch.cat([a[..., :-k] * a[..., k:], a[..., -k:]], dim=-1)
+            a = torch.cat([(a[..., :-k] * a[..., k:]).clamp_(max=big), a[..., -k:]], dim=-1)
         else:
             x = torch.cat([x[..., :k], x[..., k:] + a[..., k:] * x[..., :-k]], dim=-1)
-            a = torch.cat([a[..., :k], a[..., k:] * a[..., :-k]], dim=-1)
+            a = torch.cat([a[..., :k], (a[..., k:] * a[..., :-k]).clamp_(max=big)], dim=-1)
         k *= 2
-    return a, x
+    return x
 
 
 def compute_dtype(*tensors) -> torch.dtype:
@@ -86,15 +88,16 @@ class _Layout:
     def chunk_scan(self, h_in, t0, t1, softplus: bool, dt_scale: float, b_scale: float, c_scale: float):
         """Steps t0..t1-1 of the recurrence from the state h_in (batch, G, dpg, N) entering them;
         the forward runs it, the backward recomputes it. Returns u, dt, d dt/d(pre-activation),
-        B and C times their multipliers, a, x and the states after each step (..., N, T)."""
+        B and C times their multipliers, a and the states after each step (..., N, T)."""
         u_c = self.chunk(self.u, t0, t1)
         dt, dsoftplus = self.dt(self.chunk(self.delta, t0, t1), softplus, dt_scale)
         Bs = self.state_matrix_chunk(self.B, self.B_fixed, t0, t1) * b_scale
         Cs = self.state_matrix_chunk(self.C, self.C_fixed, t0, t1) * c_scale
         a = torch.exp(dt.unsqueeze(-2) * self.A)
         x = (dt * u_c).unsqueeze(-2) * Bs
-        a_prod, hs = linear_scan(a, x)
-        return u_c, dt, dsoftplus, Bs, Cs, a, x, hs + a_prod * h_in.unsqueeze(-1)
+        # h_in enters through the first step (h_0 = a_0 h_in + x_0), never times a chunk-long product
+        x_in = torch.cat([x[..., :1] + a[..., :1] * h_in.unsqueeze(-1), x[..., 1:]], dim=-1)
+        return u_c, dt, dsoftplus, Bs, Cs, a, linear_scan(a, x_in)
 
 
 def selective_scan_fwd_torch(u, delta, A, B, C, D, z, delta_bias, initial_state, groups: int,
@@ -113,7 +116,7 @@ def selective_scan_fwd_torch(u, delta, A, B, C, D, z, delta_bias, initial_state,
     for c in range(n_chunks):
         t0, t1 = c * chunk_size, min((c + 1) * chunk_size, seqlen)
         states[:, :, c] = h.reshape(batch, dim, N)
-        u_c, _, _, _, Cs, _, _, hs = lay.chunk_scan(h, t0, t1, delta_softplus, dt_scale, b_scale, c_scale)
+        u_c, _, _, _, Cs, _, hs = lay.chunk_scan(h, t0, t1, delta_softplus, dt_scale, b_scale, c_scale)
         y = (hs * Cs).sum(-2)
         if lay.D is not None:
             y = y + lay.D * u_c
@@ -165,7 +168,7 @@ def selective_scan_bwd_torch(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
     for c in reversed(range(n_chunks)):
         t0, t1 = c * chunk_size, min((c + 1) * chunk_size, seqlen)
         h_in = chunk_states[:, :, c].reshape(batch, groups, dpg, N)
-        u_c, dt, dsoftplus, Bs, Cs, a, x, hs = lay.chunk_scan(h_in, t0, t1, delta_softplus, dt_scale, b_scale,
+        u_c, dt, dsoftplus, Bs, Cs, a, hs = lay.chunk_scan(h_in, t0, t1, delta_softplus, dt_scale, b_scale,
                                                               c_scale)
         # Gating: out = y * silu(z).
         dout_c = dout[..., t0:t1].to(acc)
@@ -181,8 +184,8 @@ def selective_scan_bwd_torch(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
             dy = dout_c
         # Adjoint recurrence g_t = a_{t+1} g_{t+1} + Cs_t dy_t, with dh entering at the last step.
         alpha = torch.cat([a[..., 1:], torch.ones_like(a[..., :1])], dim=-1)
-        alpha_prod, g = linear_scan(alpha, Cs * dy.unsqueeze(-2), reverse=True)
-        g = g + alpha_prod * dh.unsqueeze(-1)
+        v = Cs * dy.unsqueeze(-2)
+        g = linear_scan(alpha, torch.cat([v[..., :-1], v[..., -1:] + dh.unsqueeze(-1)], dim=-1), reverse=True)
         reduce_state_grad(g * (dt * u_c).unsqueeze(-2) * b_scale, lay.B_fixed, dB, t0, t1)
         reduce_state_grad(hs * dy.unsqueeze(-2) * c_scale, lay.C_fixed, dC, t0, t1)
         du_c = (g * Bs).sum(-2) * dt
@@ -190,7 +193,8 @@ def selective_scan_bwd_torch(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
             du_c = du_c + lay.D * dy
             dD += (dy * u_c).sum(dim=(0, -1))
         du[..., t0:t1] = du_c.to(du.dtype)
-        decayed = hs - x  # = a_t * h_{t-1}, without dividing by a_t
+        # a_t h_{t-1} as a product: hs - x would cancel under strong decay (dA off by 100%)
+        decayed = a * torch.cat([h_in.unsqueeze(-1), hs[..., :-1]], dim=-1)
         d_dt = (g * (Bs * u_c.unsqueeze(-2) + decayed * lay.A)).sum(-2)
         dA += (g * decayed * dt.unsqueeze(-2)).sum(dim=(0, -1))
         d_pre = d_dt if dsoftplus is None else d_dt * dsoftplus

@@ -49,11 +49,11 @@ def deterministic_mode() -> bool:
     return flag or torch.are_deterministic_algorithms_enabled()
 
 
-def chunk_size(backend: str, d_state: int, device: torch.device) -> int:
+def chunk_size(backend: str, seqlen: int, device: torch.device) -> int:
     if backend == "torch":
         return CHUNK_SIZE
     from .chunk import triton_chunk_size
-    return triton_chunk_size(d_state, device)
+    return triton_chunk_size(seqlen, device)
 
 
 @torch.library.custom_op("ssm_kernels::selective_scan_fwd", mutates_args=())
@@ -75,7 +75,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus
     batch, dim, seqlen = u.shape
     N = A.shape[1]
     acc = compute_dtype(u, A, B, C, initial_state) if backend == "torch" else torch.float32
-    n_chunks = -(-seqlen // chunk_size(backend, N, u.device))
+    n_chunks = -(-seqlen // chunk_size(backend, seqlen, u.device))
     return (u.new_empty(u.shape), u.new_empty(batch, dim, N, dtype=acc),
             u.new_empty(batch, dim, n_chunks, N, dtype=acc))
 

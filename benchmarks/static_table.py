@@ -1,0 +1,176 @@
+"""The static H100 model of our kernels beside mamba_ssm's CUDA kernels, over many configurations.
+
+No GPU needed. Our kernels are compiled for sm_90 exactly as the JIT would compile them
+(tests/compile_for_gpu.py); mamba_ssm's selective-scan kernels are compiled with nvcc from a
+fetched copy of its sources, which stay in the temporary --work folder; both are modeled by
+../shared/tools/static_gpu (lower bound and latency-aware estimate, in microseconds).
+
+    python benchmarks/static_table.py [--configs default|all] [--mamba-git GITDIR --cuda-root DIR]
+        [--json OUT] [--markdown OUT]
+
+Without --mamba-git only our kernels are modeled. See ../shared/tools/static_gpu/README.md
+for how far to trust the model (it is not a stopwatch).
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+import compile_for_gpu  # noqa: E402  (sets TRITON_INTERPRET=0 before triton loads)
+
+BENCHMARK = dict(batch=4, dim=2048, seqlen=2048, d_state=16, dtype="bf16", fixed_bc=False)
+# The issue's grid: one change at a time from the benchmark configuration.
+VARIATIONS = [dict(d_state=64), dict(d_state=256), dict(seqlen=512), dict(seqlen=8192), dict(dim=768),
+              dict(dim=12288), dict(dtype="fp32"), dict(fixed_bc=True)]
+CUDA_TYPES = {"bf16": "at::BFloat16", "fp16": "at::Half", "fp32": "float"}
+
+
+def configs(which):
+    if which == "benchmark":
+        return [dict(BENCHMARK)]
+    return [dict(BENCHMARK)] + [dict(BENCHMARK, **v) for v in VARIATIONS]
+
+
+def config_name(cfg):
+    return (f"{cfg['dtype']} b{cfg['batch']} d{cfg['dim']} L{cfg['seqlen']} N{cfg['d_state']} "
+            f"{'fixed' if cfg['fixed_bc'] else 'variable'} B/C")
+
+
+def load_model(static_gpu):
+    sys.path.insert(0, static_gpu)
+    import h100_model
+    import sass_mix
+    import static_model
+    return h100_model, sass_mix, static_model
+
+
+def model_ours(cfg, out_dir, tools):
+    h100_model, sass_mix, _ = tools
+    records = compile_for_gpu.compile_config(out_dir, **cfg)
+    result = {}
+    for r in records:
+        stem = os.path.join(out_dir, r["kernel"])
+        sass = subprocess.run([os.path.join(compile_for_gpu.BIN, "nvdisasm"), "-c", "-gi", stem + ".cubin"],
+                              capture_output=True, text=True, check=True).stdout
+        with open(stem + ".sass", "w") as f:
+            f.write(sass)
+        est = h100_model.estimate(sass_mix.analyze(stem + ".sass"), r, r["hbm_bytes"], r.get("l2_bytes", 0))
+        entry = result.setdefault(r["kind"], dict(lower_bound_us=0.0, latency_aware_us=0.0, kernels=[]))
+        entry["lower_bound_us"] += est["lower_bound_s"] * 1e6
+        entry["latency_aware_us"] += est["latency_aware_s"] * 1e6
+        entry["kernels"].append(dict(kernel=r["kernel"], regs=est["regs"], res_usage=r["res_usage"],
+                                     insns_per_es=est["per_es_thread_insns"]["total"],
+                                     bound_by=est["lower_bound_by"]))
+    return result
+
+
+def model_mamba(cfg, out_dir, tools, src, cuda_root):
+    """mamba_ssm's kernels at this configuration (real A, z, delta softplus, as in Mamba)."""
+    h100_model, sass_mix, static_model = tools
+    variable = "false" if cfg["fixed_bc"] else "true"
+    T = CUDA_TYPES[cfg["dtype"]]
+    static_model.MAMBA_INST = {
+        "fwd": ("selective_scan_fwd_kernel.cuh",
+                f"using KT = Selective_Scan_fwd_kernel_traits<{{T}}, {{I}}, 1, {{even}}, {variable}, {variable}, "
+                f"true, {T}, float>;\n"
+                "template __global__ void selective_scan_fwd_kernel<KT>(SSMParamsBase params);\n"),
+        "bwd": ("selective_scan_bwd_kernel.cuh",
+                f"using KT = Selective_Scan_bwd_kernel_traits<{{T}}, {{I}}, {{even}}, {variable}, {variable}, "
+                f"true, true, {T}, float>;\n"
+                "template __global__ void selective_scan_bwd_kernel<KT>(SSMParamsBwd params);\n"),
+    }
+    import torch
+    metas = static_model.build_mamba(src, out_dir, cuda_root, os.path.join(os.path.dirname(torch.__file__), "include"),
+                                     cfg)
+    result = {}
+    itemsize = compile_for_gpu.DTYPES[cfg["dtype"]].itemsize
+    for kind, meta in metas.items():
+        # the same minimal traffic as ours (mamba's forward also writes out_z; its saved states differ)
+        hbm, l2 = compile_for_gpu.traffic(kind, cfg["batch"], cfg["dim"], cfg["seqlen"], cfg["d_state"], itemsize,
+                                          cfg["fixed_bc"], meta["loop_trips"][0])
+        est = h100_model.estimate(sass_mix.analyze(os.path.join(out_dir, f"mamba_{kind}.sass")), meta, hbm, l2)
+        result[kind] = dict(lower_bound_us=est["lower_bound_s"] * 1e6, latency_aware_us=est["latency_aware_s"] * 1e6,
+                            kernels=[dict(kernel=meta["kernel"], regs=est["regs"], spill=meta["spill"],
+                                          insns_per_es=est["per_es_thread_insns"]["total"],
+                                          bound_by=est["lower_bound_by"])])
+    return result
+
+
+def mamba_sources(git_dir, work):
+    src = os.path.join(work, "mamba_src")
+    if not os.path.isdir(src):
+        os.makedirs(src)
+        archive = subprocess.run(["git", "-C", git_dir, "archive", "HEAD", "csrc/selective_scan"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
+    return os.path.join(src, "csrc", "selective_scan")
+
+
+def markdown(rows, with_mamba):
+    head = "| configuration | ours fwd LB / lat | ours bwd LB / lat |"
+    rule = "|---|---|---|"
+    if with_mamba:
+        head += " mamba fwd LB / lat | mamba bwd LB / lat | fwd LB ratio | bwd LB ratio |"
+        rule += "---|---|---|---|"
+    lines = [head, rule]
+    for row in rows:
+        o = row["ours"]
+        line = (f"| {row['config']} | {o['fwd']['lower_bound_us']:.0f} / {o['fwd']['latency_aware_us']:.0f} "
+                f"| {o['bwd']['lower_bound_us']:.0f} / {o['bwd']['latency_aware_us']:.0f} |")
+        if with_mamba:
+            m = row["mamba"]
+            line += (f" {m['fwd']['lower_bound_us']:.0f} / {m['fwd']['latency_aware_us']:.0f} "
+                     f"| {m['bwd']['lower_bound_us']:.0f} / {m['bwd']['latency_aware_us']:.0f} "
+                     f"| {o['fwd']['lower_bound_us'] / m['fwd']['lower_bound_us']:.2f} "
+                     f"| {o['bwd']['lower_bound_us'] / m['bwd']['lower_bound_us']:.2f} |")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", choices=["benchmark", "all"], default="all")
+    parser.add_argument("--static-gpu", default=os.path.join(ROOT, "..", "shared", "tools", "static_gpu"),
+                        help="folder of the static model (default ../shared/tools/static_gpu)")
+    parser.add_argument("--mamba-git", help="git dir of state-spaces/mamba (from fetch); needs --cuda-root")
+    parser.add_argument("--cuda-root", help="folder with bin/nvcc (see ../shared/tools/static_gpu/README.md)")
+    parser.add_argument("--work", help="temporary folder (default: a new one)")
+    parser.add_argument("--json", help="write every figure here")
+    parser.add_argument("--markdown", help="write the table here")
+    args = parser.parse_args(argv)
+    tools = load_model(os.path.abspath(args.static_gpu))
+    work = args.work or tempfile.mkdtemp(prefix="static_table_")
+    src = mamba_sources(args.mamba_git, work) if args.mamba_git else None
+    rows = []
+    for cfg in configs(args.configs):
+        name = config_name(cfg)
+        tag = name.replace(" ", "_").replace("/", "")
+        row = dict(config=name, cfg=cfg, ours=model_ours(cfg, os.path.join(work, "ours_" + tag), tools))
+        if src:
+            with contextlib.redirect_stdout(io.StringIO()):
+                row["mamba"] = model_mamba(cfg, os.path.join(work, "mamba_" + tag), tools, src, args.cuda_root)
+        rows.append(row)
+        print(f"{name}: " + ", ".join(f"{who} {kind} {v['lower_bound_us']:.0f}/{v['latency_aware_us']:.0f} us"
+                                      for who in ("ours", "mamba") if who in row
+                                      for kind, v in row[who].items()), flush=True)
+    table = markdown(rows, bool(src))
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
