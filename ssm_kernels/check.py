@@ -11,7 +11,7 @@ import time
 import torch
 
 from .ops.selective_scan import selective_scan_fn, selective_scan_ref
-from .ops.selective_scan.interface import interpreting
+from .ops.selective_scan.backends import available_backends, interpreting
 
 # Max |x - ref| / max |ref| allowed per input dtype; the tests use the same table.
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2}
@@ -29,13 +29,6 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if not torch.isfinite(actual).all():
         return float("inf")
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-6)).item()
-
-
-def available_backends(device: torch.device):
-    backends = ["torch"]
-    if device.type == "cuda" or interpreting():
-        backends.append("triton")
-    return backends
 
 
 def make_inputs(batch, dim, seqlen, d_state, dtype, device, seed=0):

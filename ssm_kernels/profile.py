@@ -14,6 +14,7 @@ import torch
 
 from .bench.workload import (Workload, bytes_moved, device_name, peak_allocated_bytes,
                              peak_bandwidth_gbps, scan_step, synchronized, trace_events)
+from .ops.selective_scan.backends import default_backend
 
 # b * d_inner * L * N above which a CPU run is slow (the "torch" backend takes about a second
 # per 2**25 such elements for forward and backward on 2 cores).
@@ -29,7 +30,7 @@ def profile(d_inner, seqlen, batch, dtype="bf16", d_state=16, backward=False, tr
             device=None, multipliers="fused", warmup=2, steps=3, row_limit=12, print_fn=print):
     """Runs the profile and prints the report; returns its numbers as a dict."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backend = backend or ("triton" if device.type == "cuda" else "torch")
+    backend = backend or default_backend(device)
     w = Workload(batch=batch, d_inner=d_inner, seqlen=seqlen, d_state=d_state, dtype=dtype, device=str(device))
     mode = "fwdbwd" if backward else "fwd"
     elements = batch * d_inner * seqlen * d_state

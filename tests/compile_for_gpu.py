@@ -105,20 +105,31 @@ SHIPPED = [
 ]
 
 
-def traffic(kind, batch, dim, seqlen, d_state, itemsize, fixed_bc, n_saved):
+REDUCE_ROLES = {0: "", 1: "_bound", 2: "_fixed"}  # the backward's REDUCE constexpr -> name suffix
+
+
+def traffic(role, batch, dim, seqlen, d_state, itemsize, fixed_bc, n_saved):
     """(HBM bytes, L2->SM bytes) a launch must move: every (batch, dim, L) tensor once, B and C
-    once from HBM but once per channel from L2, the fp32 saved states, and in the backward the
-    fp32 dB and dC atomics (one 4-byte reduction per element-state each)."""
+    once from HBM but once per channel from L2, the fp32 saved states; in the backward the dB and
+    dC reductions (one per element-state each: 4-byte fp32 atomics; in deterministic mode an int32
+    max in pass 1, then an int64 add plus a re-read of the bound in pass 2), and the conversion
+    of the deterministic sums to fp32."""
     X = batch * dim * seqlen
     S = 0 if fixed_bc else batch * d_state * seqlen
     states = batch * dim * n_saved * d_state * 4
     per_channel_bc = 0 if fixed_bc else 2 * d_state * seqlen * itemsize * batch * dim
-    if kind == "fwd":  # read u, delta, z, B, C; write out, states
+    reductions = 0 if fixed_bc else 2 * X * d_state
+    if role == "fwd":  # read u, delta, z, B, C; write out, states
         return 4 * X * itemsize + 2 * S * itemsize + states, per_channel_bc + 4 * X * itemsize + states
+    if role == "fixed_point":  # one of dB, dC: the scales from the bounds, or the sums to fp32
+        return S * 16, S * 16
+    if role == "bwd_bound":  # read dout, u, delta, z, B, C, states; max into the int32 bounds
+        return (4 * X * itemsize + 2 * S * itemsize + 2 * S * 4 + states,
+                per_channel_bc + reductions * 4 + 4 * X * itemsize + states)
     # read dout, u, delta, z, B, C, states; write du, ddelta, dz, dB, dC
-    atomics = 0 if fixed_bc else 2 * X * d_state * 4
-    return (7 * X * itemsize + 2 * S * itemsize + 2 * S * 4 + states,
-            per_channel_bc + atomics + 7 * X * itemsize + states)
+    per_reduction, sums = (12, 2 * S * 12) if role == "bwd_fixed" else (4, 2 * S * 4)
+    return (7 * X * itemsize + 2 * S * itemsize + sums + states,
+            per_channel_bc + reductions * per_reduction + 7 * X * itemsize + states)
 
 
 def compile_config(out_dir, *, batch=4, dim=2048, seqlen=2048, d_state=16, dtype="bf16", fixed_bc=False,
@@ -139,22 +150,27 @@ def compile_config(out_dir, *, batch=4, dim=2048, seqlen=2048, d_state=16, dtype
     os.makedirs(out_dir, exist_ok=True)
     records = []
     for launch in launches.compiled:
-        name = launch["fn"].__name__
+        bound = {k: getattr(v, "value", v) for k, v in launch["bound"].items()}  # constexprs unwrapped
+        suffix = REDUCE_ROLES.get(bound.get("REDUCE"), "")
+        name = launch["fn"].__name__ + suffix
         kind = "fwd" if "fwd" in name else "bwd"
+        role = "fixed_point" if name.startswith("fixed_point") else kind + suffix
+        if any(r["kernel"] == name for r in records):  # a kernel launched twice (dB and dC)
+            name += f"_{sum(r['kernel'].startswith(name) for r in records)}"
         stem = os.path.join(out_dir, name)
         with open(stem + ".cubin", "wb") as f:
             f.write(launch["kernel"].asm["cubin"])
         res_usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", stem + ".cubin"],
                                    capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1].strip()
-        hbm, l2 = traffic(kind, batch, dim, seqlen, d_state, DTYPES[dtype].itemsize, fixed_bc, states.shape[2])
-        bound = launch["bound"]
+        hbm, l2 = traffic(role, batch, dim, seqlen, d_state, DTYPES[dtype].itemsize, fixed_bc, states.shape[2])
         loop_trips = [triton.cdiv(seqlen, bound["LANES"] * bound["ITEMS"]), d_state] if "LANES" in bound else 1
         grid = launch["grid"]
         record = dict(kernel=name, kind=kind, arch=arch, dtype=dtype, batch=batch, dim=dim, seqlen=seqlen,
                       d_state=d_state, fixed_bc=fixed_bc, deterministic=deterministic, grid=grid,
                       ctas=grid[0] * grid[1] * grid[2], num_warps=launch["num_warps"],
                       shared_bytes=launch["kernel"].metadata.shared, res_usage=res_usage, loop_trips=loop_trips,
-                      es_total=batch * dim * seqlen * d_state, hbm_bytes=hbm, l2_bytes=l2,
+                      es_total=bound["numel"] if "numel" in bound else batch * dim * seqlen * d_state,
+                      hbm_bytes=hbm, l2_bytes=l2,
                       constexprs={k: v for k, v in bound.items() if k.isupper()})
         with open(stem + ".json", "w") as f:
             json.dump(record, f, indent=1)

@@ -113,12 +113,15 @@ def test_default_backend(monkeypatch):
     assert resolve_backend("torch", u) == "torch"  # the argument wins over the environment
 
 
-@pytest.mark.parametrize("bc", ["grouped", "fixed"])
+@pytest.mark.parametrize("bc", ["grouped", "fixed", "fixed-B-variable-C"])
 def test_triton_deterministic_mode(monkeypatch, bc):
-    """Deterministic mode: bitwise-identical gradients run to run, equal to the default mode's
-    up to rounding. dim 12 gives several channel blocks per group (the atomic path)."""
+    """Deterministic mode: bitwise-identical gradients run to run, each within the tolerance of
+    the float64 reference and equal to the default mode's up to rounding."""
+    B, C = ("fixed", "variable") if bc == "fixed-B-variable-C" else (bc, bc)
+    master = make_inputs(dim=6, seqlen=21, B=B, C=C, seed=5)
     monkeypatch.setenv("SSM_KERNELS_DETERMINISTIC", "1")
-    leaves = as_leaves(make_inputs(dim=12, B=bc, C=bc, seed=5), torch.float32)
+    check_against_reference("triton", master, torch.float32, **FULL)
+    leaves = as_leaves(master, torch.float32)
     first = run_scan(selective_scan_fn, leaves, backend="triton", **FULL)
     second = run_scan(selective_scan_fn, leaves, backend="triton", **FULL)
     monkeypatch.delenv("SSM_KERNELS_DETERMINISTIC")
@@ -126,6 +129,44 @@ def test_triton_deterministic_mode(monkeypatch, bc):
     for name in leaves:
         assert torch.equal(first[2][name], second[2][name]), name
         assert_matches(f"d{name}", default[2][name], first[2][name], torch.float32)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_triton_deterministic_dB_dC_do_not_depend_on_the_channel_order(monkeypatch, groups):
+    """Variable dB and dC sum every channel of a group. Permuting the channels inside each group
+    reorders those sums: the deterministic mode's dB and dC stay bitwise the same, while the
+    default mode's fp32 atomics (run in program order by the interpreter) change in their last
+    bits, which shows that the check can fail."""
+    dim, seqlen = 6, 21
+    master = make_inputs(dim=dim, seqlen=seqlen, B="grouped", C="grouped", groups=groups, seed=9)
+    dpg = dim // groups
+    perm = torch.cat([g * dpg + torch.randperm(dpg, generator=torch.Generator().manual_seed(g)) for g in range(groups)])
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(2, dim, seqlen, generator=g, dtype=torch.float64)
+    dlast = torch.randn(2, dim, master["A"].shape[1], generator=g, dtype=torch.float64)
+
+    def dB_dC(order):
+        per_channel = {"u": 1, "delta": 1, "z": 1, "initial_state": 1, "A": 0, "D": 0, "delta_bias": 0}
+        x = {n: (t.index_select(per_channel[n], order) if n in per_channel else t) for n, t in master.items()}
+        x = as_leaves(x, torch.float32)
+        h0 = x.pop("initial_state")
+        out, last = selective_scan_fn(*x.values(), delta_softplus=True, return_last_state=True, initial_state=h0,
+                                      backend="triton", dt_scale=0.7, b_scale=1.3, c_scale=0.6)
+        loss = (out * dout[:, order].float()).sum() + (last * dlast[:, order].float()).sum()
+        return torch.autograd.grad(loss, [x["B"], x["C"]])
+
+    results = {}
+    for mode in ("deterministic", "atomic"):
+        if mode == "deterministic":
+            monkeypatch.setenv("SSM_KERNELS_DETERMINISTIC", "1")
+        else:
+            monkeypatch.delenv("SSM_KERNELS_DETERMINISTIC")
+        results[mode] = (dB_dC(torch.arange(dim)), dB_dC(perm))
+    (dB, dC), (dB_perm, dC_perm) = results["deterministic"]
+    assert torch.equal(dB, dB_perm) and torch.equal(dC, dC_perm)
+    (dB, dC), (dB_perm, dC_perm) = results["atomic"]
+    assert not (torch.equal(dB, dB_perm) and torch.equal(dC, dC_perm))
+    assert_matches("dB", dB_perm, dB, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

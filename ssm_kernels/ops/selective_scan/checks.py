@@ -12,8 +12,6 @@ import torch
 IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # float64 is accepted by the pure-PyTorch backends ("torch", "ref") for gradient checks.
 ALL_DTYPES = IO_DTYPES + (torch.float64,)
-# Largest d_state the Triton kernels take (the whole state row of a channel lives in registers).
-TRITON_MAX_D_STATE = 256
 
 
 def check_multiplier(name: str, value) -> float:
@@ -118,13 +116,22 @@ def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_sta
     if initial_state is not None:
         _check_tensor("initial_state", initial_state, 3, device)
         _check_shape("initial_state", initial_state, (batch, dim, d_state))
-    if backend == "triton":
-        tensors = dict(u=u, A=A, B=B, C=C, D=D, delta_bias=delta_bias, initial_state=initial_state)
-        for name, t in tensors.items():
-            if t is not None and t.dtype == torch.float64:
-                raise TypeError(f"{name}: float64 is supported by the 'torch' and 'ref' backends only; "
-                                "the Triton kernels take float32, float16 or bfloat16")
-        if d_state > TRITON_MAX_D_STATE:
-            raise ValueError(f"A: d_state={d_state} exceeds the Triton kernels' limit of {TRITON_MAX_D_STATE}; "
-                             "use backend='torch'")
+    if backend is not None:
+        _check_backend_limits(backend, d_state, dict(u=u, A=A, B=B, C=C, D=D, delta_bias=delta_bias,
+                                                     initial_state=initial_state))
     return B, C, max(groups_b, groups_c, 1)
+
+
+def _check_backend_limits(backend: str, d_state: int, tensors: dict):
+    """The dtypes and state size that the backend's registry entry admits."""
+    from .backends import BACKENDS
+    entry = BACKENDS[backend]
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in entry.dtypes:
+            takes = [b.name for b in BACKENDS.values() if t.dtype in b.dtypes]
+            raise TypeError(f"{name}: {str(t.dtype).replace('torch.', '')} is supported by the "
+                            f"{' and '.join(repr(b) for b in takes)} backends only; the {backend!r} backend takes "
+                            + ", ".join(str(d).replace("torch.", "") for d in entry.dtypes))
+    if entry.max_d_state is not None and d_state > entry.max_d_state:
+        raise ValueError(f"A: d_state={d_state} exceeds the {backend!r} backend's limit of {entry.max_d_state}; "
+                         "use backend='torch'")

@@ -386,6 +386,73 @@ def _add_at(v, n, value):
     return tl.where(tl.arange(0, v.shape[0]) == n, v + value, v)
 
 
+# How the backward sums variable dB and dC over the channels of a group (every program adds
+# its channel's terms to the same (batch, G, N, L) elements):
+REDUCE_ATOMIC = tl.constexpr(0)  # fp32 atomics: one pass; the rounding depends on their order
+REDUCE_BOUND = tl.constexpr(1)  # deterministic pass 1: the largest |term| of every element
+REDUCE_FIXED = tl.constexpr(2)  # deterministic pass 2: int64 fixed-point terms, scaled per element
+# Integer addition and max do not depend on the order, so passes 1 + 2 give the same bits every
+# run. Pass 1 keeps the bound as the int32 bits of a non-negative float (they order like the
+# floats); fixed_point_scale_kernel turns it, in place, into the element's fp32 scale 2^shift.
+
+
+@triton.jit
+def _channel_sum(ptr, offset, value, scale, mask, REDUCE: tl.constexpr,
+                 LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr):
+    """Adds a channel's terms [ITEMS, LANES] into ptr[offset] (shared by the group's channels),
+    as REDUCE says; ptr is fp32 (ATOMIC), the int32 bound (BOUND) or the int64 sum (FIXED, with
+    the elements' scales from _scale_tile)."""
+    v = _vectors_first(value, LANES, ITEMS, VEC)
+    if REDUCE == REDUCE_ATOMIC:
+        tl.atomic_add(ptr + offset, v, mask=mask, sem="relaxed")
+    elif REDUCE == REDUCE_BOUND:
+        tl.atomic_max(ptr + offset, tl.abs(v).to(tl.int32, bitcast=True), mask=mask, sem="relaxed")
+    else:
+        tl.atomic_add(ptr + offset, (v * scale).to(tl.int64), mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _scale_tile(scale_ptr, row, n, d_state, seqlen, t, mask):
+    """REDUCE_FIXED: the scales of state n's elements (clamped to the last state), in the layout
+    of the time offsets t."""
+    ptrs = scale_ptr + row + tl.minimum(n, d_state - 1) * seqlen + t
+    if mask is None:
+        scale = tl.load(ptrs)
+    else:
+        scale = tl.load(ptrs, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def fixed_point_scale_kernel(bound_ptr, scale_ptr, numel, headroom, BLOCK: tl.constexpr):
+    """scale_ptr (the bound's memory, as fp32) gets: from the int32 bits of each element's largest |term| -> the fp32 scale 2^shift that
+    puts every term below 2^(62 - headroom) in magnitude, so that a sum of 2^(headroom - 1)
+    channels stays inside int64 and each term keeps about 50 bits, more than fp32 has. The shift
+    stops at 127 (the fp32 range): an element whose terms are all below 2^-103 keeps fewer than
+    24 bits of them, an absolute resolution of 2^-127. NaN marks an element with a term that is
+    not finite."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    bits = tl.load(bound_ptr + offs, mask=mask, other=0)
+    exponent = tl.maximum(((bits >> 23) & 0xFF) - 126, -125)  # bound < 2^exponent
+    shift = tl.minimum(62 - headroom - exponent, 127)
+    scale = ((shift + 127) << 23).to(tl.float32, bitcast=True)
+    tl.store(scale_ptr + offs, tl.where(bits >= 0x7F800000, float("nan"), scale), mask=mask)
+
+
+@triton.jit
+def fixed_point_to_float_kernel(sum_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
+    """In place over the scales: the int64 sums of REDUCE_FIXED as fp32 (NaN where the scale is)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    total = tl.load(sum_ptr + offs, mask=mask, other=0)
+    scale = tl.load(scale_ptr + offs, mask=mask, other=1.0)
+    shift = ((scale.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    unscale = ((1023 - shift).to(tl.int64) << 52).to(tl.float64, bitcast=True)
+    out = (total.to(tl.float64) * unscale).to(tl.float32)
+    tl.store(scale_ptr + offs, tl.where(scale != scale, scale, out), mask=mask)
+
+
 @triton.heuristics({
     "HAS_D": _has("D_ptr"), "HAS_Z": _has("z_ptr"), "HAS_DELTA_BIAS": _has("delta_bias_ptr"),
     "HAS_DLAST_STATE": _has("dlast_state_ptr"), "B_VARIABLE": _variable("B_ptr"), "C_VARIABLE": _variable("C_ptr"),
@@ -397,6 +464,7 @@ def selective_scan_bwd_kernel(
     chunk_states_ptr,
     # gradients
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddelta_bias_ptr, dinitial_state_ptr,
+    dB_scale_ptr, dC_scale_ptr,  # REDUCE_FIXED: the fixed-point scales from pass 1
     # sizes
     dim, seqlen, d_state, dim_per_group,
     # strides: as in the forward (dout like u); every gradient is contiguous
@@ -408,12 +476,13 @@ def selective_scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_DLAST_STATE: tl.constexpr,
     DELTA_SOFTPLUS: tl.constexpr, B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr,
     BLOCK_N: tl.constexpr, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr,
-    EVEN: tl.constexpr, FAST_MATH: tl.constexpr,
+    EVEN: tl.constexpr, FAST_MATH: tl.constexpr, REDUCE: tl.constexpr,
 ):
     """Chunks of LANES * ITEMS steps, the forward's saved states' spacing. du, ddelta, dz are
-    (batch, dim, L); variable dB, dC fp32 (batch, G, N, L), summed over channels with atomics;
-    dA, dinitial_state and fixed dB, dC (batch, dim, N) and dD, ddelta_bias (batch, dim) are
-    per-batch partials, summed afterwards in a fixed order."""
+    (batch, dim, L); variable dB, dC (batch, G, N, L), summed over channels as REDUCE says
+    (REDUCE_BOUND writes nothing else); dA, dinitial_state and fixed dB, dC (batch, dim, N) and
+    dD, ddelta_bias (batch, dim) are per-batch partials, summed afterwards in a fixed order."""
+    WRITE_GRADS: tl.constexpr = REDUCE != REDUCE_BOUND
     d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     channel = b * dim + d
@@ -480,6 +549,10 @@ def selective_scan_bwd_kernel(
             B = _state_tile(B_row, 0, stride_B_n, d_state, t, mask, LANES, ITEMS, VEC)
         if C_VARIABLE:
             C = _state_tile(C_row, 0, stride_C_n, d_state, t, mask, LANES, ITEMS, VEC)
+        FIXED_B: tl.constexpr = B_VARIABLE and REDUCE == REDUCE_FIXED
+        FIXED_C: tl.constexpr = C_VARIABLE and REDUCE == REDUCE_FIXED
+        dB_scale = _scale_tile(dB_scale_ptr, dBC_row, 0, d_state, seqlen, t, mask) if FIXED_B else None
+        dC_scale = _scale_tile(dC_scale_ptr, dBC_row, 0, d_state, seqlen, t, mask) if FIXED_C else None
         for n in range(0, d_state):
             if not B_VARIABLE:
                 B = _pick(B_fixed, n, LANES)
@@ -512,14 +585,16 @@ def selective_scan_bwd_kernel(
             dcarry = tl.where(offs_n == n, tl.gather(a_first, tl.zeros([BLOCK_N], tl.int32), 0)
                               * tl.gather(g_total, tl.full([BLOCK_N], LANES - 1, tl.int32), 0), dcarry)
 
-            if B_VARIABLE:
-                tl.atomic_add(dB_ptr + dBC_row + n * seqlen + t, _vectors_first(g * dtu, LANES, ITEMS, VEC),
-                              mask=mask, sem="relaxed")
+            if B_VARIABLE:  # the next state's scales are loaded right after use, as B and C are
+                _channel_sum(dB_ptr, dBC_row + n * seqlen + t, g * dtu, dB_scale, mask, REDUCE, LANES, ITEMS, VEC)
+                if FIXED_B:
+                    dB_scale = _scale_tile(dB_scale_ptr, dBC_row, n + 1, d_state, seqlen, t, mask)
             else:
                 dB_fixed = _add_at(dB_fixed, n, _sum_all(g * dtu))
             if C_VARIABLE:
-                tl.atomic_add(dC_ptr + dBC_row + n * seqlen + t, _vectors_first(h * dyc, LANES, ITEMS, VEC),
-                              mask=mask, sem="relaxed")
+                _channel_sum(dC_ptr, dBC_row + n * seqlen + t, h * dyc, dC_scale, mask, REDUCE, LANES, ITEMS, VEC)
+                if FIXED_C:
+                    dC_scale = _scale_tile(dC_scale_ptr, dBC_row, n + 1, d_state, seqlen, t, mask)
             else:
                 dC_fixed = _add_at(dC_fixed, n, _sum_all(h * dyc))
             dx += g * B
@@ -529,33 +604,35 @@ def selective_scan_bwd_kernel(
             ddt_decay += g_decayed * A_n
             dA = _add_at(dA, n, _sum_all(g_decayed * dt))
 
-        if HAS_Z:  # dout and z again rather than kept live through the state loop
-            y = y * c_scale
+        if WRITE_GRADS:
+            if HAS_Z:  # dout and z again rather than kept live through the state loop
+                y = y * c_scale
+                if HAS_D:
+                    y += D * u
+                z = _load_tile(z_row, t, mask, LANES, ITEMS, VEC)
+                sig = _sigmoid(z, FAST_MATH)
+                dz = _load_tile(dout_row, t, mask, LANES, ITEMS, VEC) * y * sig * (1.0 + z * (1.0 - sig))
+                _store_tile(dz_ptr + channel * seqlen, t, mask, dz, LANES, ITEMS, VEC)
+            du = dx * dt * b_scale
             if HAS_D:
-                y += D * u
-            z = _load_tile(z_row, t, mask, LANES, ITEMS, VEC)
-            sig = _sigmoid(z, FAST_MATH)
-            dz = _load_tile(dout_row, t, mask, LANES, ITEMS, VEC) * y * sig * (1.0 + z * (1.0 - sig))
-            _store_tile(dz_ptr + channel * seqlen, t, mask, dz, LANES, ITEMS, VEC)
-        du = dx * dt * b_scale
-        if HAS_D:
-            du += D * dy
-            dD += tl.sum(dy * u, 0)
-        _store_tile(du_ptr + channel * seqlen, t, mask, du, LANES, ITEMS, VEC)
-        dpre = (dx * u * b_scale + ddt_decay) * ddt
-        _store_tile(ddelta_ptr + channel * seqlen, t, mask, dpre * dt_scale, LANES, ITEMS, VEC)
-        dbias += tl.sum(dpre, 0)
+                du += D * dy
+                dD += tl.sum(dy * u, 0)
+            _store_tile(du_ptr + channel * seqlen, t, mask, du, LANES, ITEMS, VEC)
+            dpre = (dx * u * b_scale + ddt_decay) * ddt
+            _store_tile(ddelta_ptr + channel * seqlen, t, mask, dpre * dt_scale, LANES, ITEMS, VEC)
+            dbias += tl.sum(dpre, 0)
 
-    tl.store(dinitial_state_ptr + channel * d_state + offs_n, dcarry, mask=mask_n)
-    tl.store(dA_ptr + channel * d_state + offs_n, dA, mask=mask_n)
-    if not B_VARIABLE:
-        tl.store(dB_ptr + channel * d_state + offs_n, dB_fixed, mask=mask_n)
-    if not C_VARIABLE:
-        tl.store(dC_ptr + channel * d_state + offs_n, dC_fixed, mask=mask_n)
-    if HAS_D:
-        tl.store(dD_ptr + channel, tl.sum(dD, 0))
-    if HAS_DELTA_BIAS:
-        tl.store(ddelta_bias_ptr + channel, tl.sum(dbias, 0))
+    if WRITE_GRADS:
+        tl.store(dinitial_state_ptr + channel * d_state + offs_n, dcarry, mask=mask_n)
+        tl.store(dA_ptr + channel * d_state + offs_n, dA, mask=mask_n)
+        if not B_VARIABLE:
+            tl.store(dB_ptr + channel * d_state + offs_n, dB_fixed, mask=mask_n)
+        if not C_VARIABLE:
+            tl.store(dC_ptr + channel * d_state + offs_n, dC_fixed, mask=mask_n)
+        if HAS_D:
+            tl.store(dD_ptr + channel, tl.sum(dD, 0))
+        if HAS_DELTA_BIAS:
+            tl.store(ddelta_bias_ptr + channel, tl.sum(dbias, 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -667,31 +744,67 @@ def selective_scan_bwd_triton(dout, dlast_state, u, delta, A, B, C, D, z, delta_
     dD = None if D is None else new_buffer(batch, dim, **f32)
     ddelta_bias = None if delta_bias is None else new_buffer(batch, dim, **f32)
 
-    def state_matrix_grad(X):  # fixed: per-batch partials; variable: atomics sum the channels
-        return new_buffer(batch, dim, N, **f32) if X.dim() == 2 else torch.zeros(batch, groups, N, seqlen, **f32)
-    dB, dC = state_matrix_grad(B), state_matrix_grad(C)
-    selective_scan_bwd_kernel[(dim, batch)](
-        dout_ptr=dout, dlast_state_ptr=_contiguous(dlast_state), u_ptr=u, delta_ptr=delta, A_ptr=A.contiguous(),
-        B_ptr=B, C_ptr=C, D_ptr=_contiguous(D), z_ptr=z, delta_bias_ptr=_contiguous(delta_bias),
-        chunk_states_ptr=chunk_states,
-        du_ptr=du, ddelta_ptr=ddelta, dz_ptr=dz, dA_ptr=dA, dB_ptr=dB, dC_ptr=dC, dD_ptr=dD,
-        ddelta_bias_ptr=ddelta_bias, dinitial_state_ptr=dinitial_state,
-        dim=dim, seqlen=seqlen, d_state=N, dim_per_group=dim // groups,
-        stride_dout_b=dout.stride(0), stride_dout_d=dout.stride(1), stride_u_b=u.stride(0), stride_u_d=u.stride(1),
-        stride_delta_b=delta.stride(0), stride_delta_d=delta.stride(1),
-        **dict(zip(("stride_z_b", "stride_z_d"), _row_strides(z))),
-        **dict(zip(("stride_B_b", "stride_B_g", "stride_B_n"), _state_matrix_strides(B))),
-        **dict(zip(("stride_C_b", "stride_C_g", "stride_C_n"), _state_matrix_strides(C))),
-        dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale,
-        DELTA_SOFTPLUS=delta_softplus, BLOCK_N=geo.block_n, LANES=geo.lanes, ITEMS=geo.items_bwd, VEC=geo.vec,
-        EVEN=geo.even_bwd, FAST_MATH=geo.fast_math, num_warps=geo.num_warps,
-    )
+    dpg = dim // groups
+    headroom = (dpg - 1).bit_length() + 1  # 2^(headroom - 1) >= the channels summed per element
+
+    def launch(reduce, dB_target, dC_target, dB_scale=None, dC_scale=None):
+        selective_scan_bwd_kernel[(dim, batch)](
+            dout_ptr=dout, dlast_state_ptr=_contiguous(dlast_state), u_ptr=u, delta_ptr=delta, A_ptr=A.contiguous(),
+            B_ptr=B, C_ptr=C, D_ptr=_contiguous(D), z_ptr=z, delta_bias_ptr=_contiguous(delta_bias),
+            chunk_states_ptr=chunk_states,
+            du_ptr=du, ddelta_ptr=ddelta, dz_ptr=dz, dA_ptr=dA, dB_ptr=dB_target, dC_ptr=dC_target, dD_ptr=dD,
+            ddelta_bias_ptr=ddelta_bias, dinitial_state_ptr=dinitial_state,
+            dB_scale_ptr=dB_scale, dC_scale_ptr=dC_scale,
+            dim=dim, seqlen=seqlen, d_state=N, dim_per_group=dpg,
+            stride_dout_b=dout.stride(0), stride_dout_d=dout.stride(1), stride_u_b=u.stride(0),
+            stride_u_d=u.stride(1), stride_delta_b=delta.stride(0), stride_delta_d=delta.stride(1),
+            **dict(zip(("stride_z_b", "stride_z_d"), _row_strides(z))),
+            **dict(zip(("stride_B_b", "stride_B_g", "stride_B_n"), _state_matrix_strides(B))),
+            **dict(zip(("stride_C_b", "stride_C_g", "stride_C_n"), _state_matrix_strides(C))),
+            dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale,
+            DELTA_SOFTPLUS=delta_softplus, BLOCK_N=geo.block_n, LANES=geo.lanes, ITEMS=geo.items_bwd, VEC=geo.vec,
+            EVEN=geo.even_bwd, FAST_MATH=geo.fast_math, REDUCE=reduce, num_warps=geo.num_warps,
+        )
+
+    def channel_sum_buffer(X, dtype):  # variable dB, dC: (batch, G, N, L), every channel adds to it
+        return torch.zeros(batch, groups, N, seqlen, dtype=dtype, device=u.device) if X.dim() == 4 else None
+
+    # fixed dB, dC: per-batch partials (batch, dim, N), summed below
+    dB_fixed, dC_fixed = (new_buffer(batch, dim, N, **f32) if X.dim() == 2 else None for X in (B, C))
+    if deterministic and (B.dim() == 4 or C.dim() == 4):
+        # Two passes with integer reductions. The int64 sums are the only extra memory (8 bytes per
+        # element of variable dB and dC); the int32 bounds become the scales, then the results.
+        bounds = [channel_sum_buffer(X, torch.int32) for X in (B, C)]
+        launch(REDUCE_BOUND, *bounds)
+        scales = [None if b is None else _fixed_point_scales(b, headroom) for b in bounds]
+        sums = [channel_sum_buffer(X, torch.int64) for X in (B, C)]
+        launch(REDUCE_FIXED, dB_fixed if sums[0] is None else sums[0], dC_fixed if sums[1] is None else sums[1],
+               *scales)
+        dB, dC = (fixed if total is None else _fixed_point_to_float(total, scale)
+                  for fixed, total, scale in zip((dB_fixed, dC_fixed), sums, scales))
+    else:
+        dB = dB_fixed if dB_fixed is not None else channel_sum_buffer(B, torch.float32)
+        dC = dC_fixed if dC_fixed is not None else channel_sum_buffer(C, torch.float32)
+        launch(REDUCE_ATOMIC, dB, dC)
     # Fixed-order sums over batch: deterministic.
     def state_matrix_result(dX, X, dtype):
         return (dX.sum(0) if X.dim() == 2 else dX).to(dtype)
     return (du, ddelta, dA.sum(0).to(A.dtype), state_matrix_result(dB, B, B_dtype), state_matrix_result(dC, C, C_dtype),
             None if D is None else dD.sum(0).to(D.dtype), dz,
             None if delta_bias is None else ddelta_bias.sum(0).to(delta_bias.dtype), dinitial_state)
+
+
+def _fixed_point_scales(bound, headroom, block=1024):
+    scale = bound.view(torch.float32)
+    fixed_point_scale_kernel[(triton.cdiv(bound.numel(), block),)](
+        bound_ptr=bound, scale_ptr=scale, numel=bound.numel(), headroom=headroom, BLOCK=block)
+    return scale
+
+
+def _fixed_point_to_float(total, scale, block=1024):
+    fixed_point_to_float_kernel[(triton.cdiv(total.numel(), block),)](
+        sum_ptr=total, scale_ptr=scale, numel=total.numel(), BLOCK=block)
+    return scale
 
 
 def triton_chunk_size(seqlen: int, device: torch.device) -> int:

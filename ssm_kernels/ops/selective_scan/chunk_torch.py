@@ -131,8 +131,8 @@ def selective_scan_fwd_torch(u, delta, A, B, C, D, z, delta_bias, initial_state,
 
 def selective_scan_bwd_torch(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states,
                              groups: int, delta_softplus: bool, dt_scale: float, b_scale: float,
-                             c_scale: float, chunk_size: int = CHUNK_SIZE):
-    """Backward from the saved chunk states.
+                             c_scale: float, chunk_size: int = CHUNK_SIZE, deterministic: bool = True):
+    """Backward from the saved chunk states. Always deterministic: no atomics, fixed-order sums.
 
     Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); dD, dz and
     ddelta_bias are None when D, z or delta_bias is None. dB and dC have the shapes of B and C

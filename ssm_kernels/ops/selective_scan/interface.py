@@ -3,7 +3,7 @@
 The forward and the backward are each one custom op (`ssm_kernels::selective_scan_fwd`,
 `ssm_kernels::selective_scan_bwd`), so `torch.compile(fullgraph=True)` sees an opaque call
 with known output shapes instead of tracing into Triton or a Python loop. The op's `backend`
-argument picks the implementation ("torch": chunk_torch.py, "triton": chunk.py).
+argument names the implementation, an entry of the registry in backends.py.
 """
 
 import os
@@ -12,35 +12,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .backends import BACKENDS, interpreting, resolve_backend  # noqa: F401  (re-exported)
 from .checks import check_inputs, check_multiplier
-from .chunk_torch import CHUNK_SIZE, compute_dtype, selective_scan_bwd_torch, selective_scan_fwd_torch
 from .naive import selective_scan_ref
 
-BACKENDS = ("triton", "torch", "ref")
-BACKEND_ENV = "SSM_KERNELS_BACKEND"
 DETERMINISTIC_ENV = "SSM_KERNELS_DETERMINISTIC"
-
-
-def interpreting() -> bool:
-    """Whether Triton kernels run through the interpreter (TRITON_INTERPRET set)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def resolve_backend(backend: Optional[str], u: Tensor) -> str:
-    """The argument, else $SSM_KERNELS_BACKEND, else "triton" for CUDA tensors and "torch" otherwise."""
-    if not isinstance(u, Tensor):
-        raise TypeError(f"u: expected a torch.Tensor, got {type(u).__name__}")
-    source = "backend"
-    if backend is None and os.environ.get(BACKEND_ENV):
-        backend, source = os.environ[BACKEND_ENV], BACKEND_ENV
-    if backend is None:
-        return "triton" if u.is_cuda else "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"{source}: unknown backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "triton" and not u.is_cuda and not interpreting():
-        raise ValueError(f"{source}: the 'triton' backend needs CUDA tensors, or TRITON_INTERPRET=1 set "
-                         "before triton is imported to run the kernels on the CPU")
-    return backend
 
 
 def deterministic_mode() -> bool:
@@ -49,24 +25,14 @@ def deterministic_mode() -> bool:
     return flag or torch.are_deterministic_algorithms_enabled()
 
 
-def chunk_size(backend: str, seqlen: int, device: torch.device) -> int:
-    if backend == "torch":
-        return CHUNK_SIZE
-    from .chunk import triton_chunk_size
-    return triton_chunk_size(seqlen, device)
-
-
 @torch.library.custom_op("ssm_kernels::selective_scan_fwd", mutates_args=())
 def selective_scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                           z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
                           groups: int, delta_softplus: bool, dt_scale: float, b_scale: float, c_scale: float,
                           backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (out, last_state, chunk_states); chunk_states[:, :, c] is the state entering chunk c."""
-    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus, dt_scale, b_scale, c_scale)
-    if backend == "triton":
-        from .chunk import selective_scan_fwd_triton
-        return selective_scan_fwd_triton(*args)
-    return selective_scan_fwd_torch(*args)
+    return BACKENDS[backend].forward(u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus,
+                                     dt_scale, b_scale, c_scale)
 
 
 @selective_scan_fwd_op.register_fake
@@ -74,8 +40,9 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus
       backend):
     batch, dim, seqlen = u.shape
     N = A.shape[1]
-    acc = compute_dtype(u, A, B, C, initial_state) if backend == "torch" else torch.float32
-    n_chunks = -(-seqlen // chunk_size(backend, seqlen, u.device))
+    entry = BACKENDS[backend]
+    acc = entry.state_dtype(u, A, B, C, initial_state)
+    n_chunks = -(-seqlen // entry.chunk_size(seqlen, u.device))
     return (u.new_empty(u.shape), u.new_empty(batch, dim, N, dtype=acc),
             u.new_empty(batch, dim, n_chunks, N, dtype=acc))
 
@@ -89,13 +56,8 @@ def selective_scan_bwd_op(dout: Tensor, dlast_state: Optional[Tensor], u: Tensor
                                                         Tensor, Tensor]:
     """Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); the gradient of an
     absent optional input is an empty tensor (custom ops cannot return None)."""
-    args = (dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups, delta_softplus,
-            dt_scale, b_scale, c_scale)
-    if backend == "triton":
-        from .chunk import selective_scan_bwd_triton
-        grads = selective_scan_bwd_triton(*args, deterministic=deterministic)
-    else:
-        grads = selective_scan_bwd_torch(*args)
+    grads = BACKENDS[backend].backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups,
+                                       delta_softplus, dt_scale, b_scale, c_scale, deterministic=deterministic)
     return tuple(u.new_empty(0) if g is None else g for g in grads)
 
 
@@ -164,7 +126,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         Gradients flow back through last_state too.
     """
     backend = resolve_backend(backend, u)
-    if backend == "ref":
+    if BACKENDS[backend].forward is None:  # "ref": the sequential loop, differentiated by autograd
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                   dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale, initial_state=initial_state)
     B, C, groups = check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, backend=backend)

@@ -1,0 +1,100 @@
+"""The selective-scan backends: one registry entry each, the only place that knows them.
+
+An entry says how to run the forward and the backward, the spacing of the states the forward
+saves, where the backend runs, which dtypes and state sizes it takes, and in which dtype it
+keeps the state. Adding a backend (the csrc/ extension, say) is one more `Backend(...)` here.
+"""
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .checks import ALL_DTYPES, IO_DTYPES
+from .chunk_torch import CHUNK_SIZE, compute_dtype, selective_scan_bwd_torch, selective_scan_fwd_torch
+
+BACKEND_ENV = "SSM_KERNELS_BACKEND"
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run through the interpreter (TRITON_INTERPRET set)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _lazy(module: str, name: str) -> Callable:
+    """module.name, imported on first call (so that `import ssm_kernels` does not import Triton)."""
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module, __package__), name)(*args, **kwargs)
+    return call
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    summary: str
+    # forward(u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus, dt_scale,
+    # b_scale, c_scale) -> (out, last_state, chunk_states); None: autograd through the reference
+    forward: Optional[Callable]
+    # backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups,
+    # delta_softplus, dt_scale, b_scale, c_scale, deterministic=) -> the nine gradients
+    backward: Optional[Callable]
+    chunk_size: Optional[Callable]  # (seqlen, device) -> steps between the saved states
+    dtypes: tuple  # dtypes of u, delta, z and the other tensors
+    max_d_state: Optional[int]  # None: no limit
+    state_dtype: Callable  # (u, A, B, C, initial_state) -> dtype of last_state and the saved states
+    unavailable_reason: Callable  # (device) -> None if it runs on tensors of this device, else why not
+
+
+def _triton_unavailable(device):
+    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+        return None
+    return ("needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported to run the kernels "
+            "on the CPU")
+
+
+BACKENDS = {b.name: b for b in (
+    Backend(name="torch", summary="the same chunked algorithm in vectorized PyTorch (chunk_torch.py)",
+            forward=selective_scan_fwd_torch, backward=selective_scan_bwd_torch,
+            chunk_size=lambda seqlen, device: CHUNK_SIZE, dtypes=ALL_DTYPES, max_d_state=None,
+            state_dtype=compute_dtype, unavailable_reason=lambda device: None),
+    Backend(name="triton", summary="chunked Triton kernels (chunk.py)",
+            forward=_lazy(".chunk", "selective_scan_fwd_triton"), backward=_lazy(".chunk", "selective_scan_bwd_triton"),
+            chunk_size=_lazy(".chunk", "triton_chunk_size"), dtypes=IO_DTYPES, max_d_state=256,
+            state_dtype=lambda *tensors: torch.float32, unavailable_reason=_triton_unavailable),
+    Backend(name="ref", summary="the sequential reference (naive.py), differentiated by autograd",
+            forward=None, backward=None, chunk_size=None, dtypes=ALL_DTYPES, max_d_state=None,
+            state_dtype=compute_dtype, unavailable_reason=lambda device: None),
+)}
+
+
+def get_backend(name: str, source: str = "backend") -> Backend:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {tuple(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def default_backend(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" else "torch"
+
+
+def resolve_backend(backend: Optional[str], u) -> str:
+    """The argument, else $SSM_KERNELS_BACKEND, else "triton" for CUDA tensors and "torch"
+    otherwise; refused where it cannot run."""
+    if not isinstance(u, torch.Tensor):
+        raise TypeError(f"u: expected a torch.Tensor, got {type(u).__name__}")
+    source = "backend"
+    if backend is None and os.environ.get(BACKEND_ENV):
+        backend, source = os.environ[BACKEND_ENV], BACKEND_ENV
+    entry = get_backend(default_backend(u.device) if backend is None else backend, source)
+    reason = entry.unavailable_reason(u.device)
+    if reason is not None:
+        raise ValueError(f"{source}: the {entry.name!r} backend {reason}")
+    return entry.name
+
+
+def available_backends(device: torch.device, with_reference: bool = False):
+    """Names of the backends that run on `device` (the reference only when asked)."""
+    return [name for name, b in BACKENDS.items()
+            if (with_reference or b.forward is not None) and b.unavailable_reason(device) is None]
