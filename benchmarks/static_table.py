@@ -30,12 +30,17 @@ BENCHMARK = dict(batch=4, dim=2048, seqlen=2048, d_state=16, dtype="bf16", fixed
 # The issue's grid: one change at a time from the benchmark configuration.
 VARIATIONS = [dict(d_state=64), dict(d_state=256), dict(seqlen=512), dict(seqlen=8192), dict(dim=768),
               dict(dim=12288), dict(dtype="fp32"), dict(fixed_bc=True)]
+# The widths of `pytest benchmarks/`'s CUDA grid (benchmarks/conftest.py), which the GPU session
+# (benchmarks/gpu_session.py) puts beside its measured times.
+BENCHMARK_WIDTHS = [768, 1536, 2048, 3072, 6144, 12288]
 CUDA_TYPES = {"bf16": "at::BFloat16", "fp16": "at::Half", "fp32": "float"}
 
 
 def configs(which):
     if which == "benchmark":
         return [dict(BENCHMARK)]
+    if which == "widths":
+        return [dict(BENCHMARK, dim=dim) for dim in BENCHMARK_WIDTHS]
     return [dict(BENCHMARK)] + [dict(BENCHMARK, **v) for v in VARIATIONS]
 
 
@@ -137,7 +142,10 @@ def markdown(rows, with_mamba):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", choices=["benchmark", "all"], default="all")
+    parser.add_argument("--configs", choices=["benchmark", "all", "widths"], default="all",
+                        help="benchmark: bf16 4 x 2048 x 2048 N16; all: it and one change at a time (N, L, dim, "
+                        "dtype, fixed B/C); widths: the benchmark grid's widths")
+    parser.add_argument("--deterministic", action="store_true", help="the backward's deterministic mode")
     parser.add_argument("--static-gpu", default=os.path.join(ROOT, "..", "shared", "tools", "static_gpu"),
                         help="folder of the static model (default ../shared/tools/static_gpu)")
     parser.add_argument("--mamba-git", help="git dir of state-spaces/mamba (from fetch); needs --cuda-root")
@@ -153,7 +161,8 @@ def main(argv=None):
     for cfg in configs(args.configs):
         name = config_name(cfg)
         tag = name.replace(" ", "_").replace("/", "")
-        row = dict(config=name, cfg=cfg, ours=model_ours(cfg, os.path.join(work, "ours_" + tag), tools))
+        row = dict(config=name, cfg=cfg, ours=model_ours(dict(cfg, deterministic=args.deterministic),
+                                                         os.path.join(work, "ours_" + tag), tools))
         if src:
             with contextlib.redirect_stdout(io.StringIO()):
                 row["mamba"] = model_mamba(cfg, os.path.join(work, "mamba_" + tag), tools, src, args.cuda_root)
