@@ -56,7 +56,7 @@ def _forward_backward(inputs, backend, grad_out, grad_last, backward=True):
     return out, last, dict(zip(leaves, grads))
 
 
-def _time_ms(fn, device, repeats):
+def median_ms(fn, device, repeats):
     """Median wall time of fn() in ms after one warm-up call (synchronized on CUDA)."""
     fn()
     times = []
@@ -95,9 +95,9 @@ def check(widths, batch, seqlen, d_state, dtype, device, backends=None, repeats=
             out, last, grads = _forward_backward(inputs, backend, grad_out, grad_last)
             err_out = max(relative_error(out, ref_out), relative_error(last, ref_last))
             err_grads = max(relative_error(grads[n], ref_grads[n]) for n in grads)
-            fwd = _time_ms(lambda: _forward_backward(inputs, backend, grad_out, grad_last, backward=False),
+            fwd = median_ms(lambda: _forward_backward(inputs, backend, grad_out, grad_last, backward=False),
                            device, repeats)
-            fwdbwd = _time_ms(lambda: _forward_backward(inputs, backend, grad_out, grad_last), device, repeats)
+            fwdbwd = median_ms(lambda: _forward_backward(inputs, backend, grad_out, grad_last), device, repeats)
             ok = err_out <= tol and err_grads <= tol
             all_ok &= ok
             print_fn(f"{backend:<8} {dim:>7} {err_out:>9.2e} {err_grads:>9.2e} {fwd:>9.2f} {fwdbwd:>10.2f}  "

@@ -3,27 +3,11 @@ plain copy and the throughput of exp2 (the scan's one special function per eleme
 The static model's floors (../shared/tools/static_gpu) assume 3.0 TB/s and 16 exp2 per clock per SM;
 these measure them."""
 
-import statistics
-import time
-
 import torch
 import triton
 import triton.language as tl
 
-
-def _median_seconds(fn, device, rounds, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(rounds):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from ..check import median_ms
 
 
 def copy_bandwidth(device, nbytes=1 << 30, rounds=10):
@@ -31,7 +15,7 @@ def copy_bandwidth(device, nbytes=1 << 30, rounds=10):
     device = torch.device(device)
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    seconds = _median_seconds(lambda: dst.copy_(src), device, rounds)
+    seconds = median_ms(lambda: dst.copy_(src), device, rounds) / 1e3
     return dict(bytes=2 * nbytes, seconds=seconds, gbps=2 * nbytes / seconds / 1e9)
 
 
@@ -58,7 +42,7 @@ def exp2_throughput(device, elements=1 << 24, repeats=64, rounds=10, block=1024)
 
     def run():
         exp2_floor_kernel[(elements // block,)](x, out, REPEATS=repeats, BLOCK=block)
-    seconds = _median_seconds(run, device, rounds)
+    seconds = median_ms(run, device, rounds) / 1e3
     if not torch.isfinite(out).all():
         raise RuntimeError("exp2_floor_kernel gave a non-finite value")
     count = elements * repeats * 4

@@ -23,8 +23,9 @@ Only products across lanes can overflow when the scan grows (dt * A > 0): they s
 largest float instead of reaching inf, so that inf * 0 never turns a zero state into NaN.
 
 Tiles. A [ITEMS, LANES] tile (items first, so the items of a lane are the register axis) is
-loaded as [ITEMS // VEC, LANES, VEC] with VEC-wide vector loads and permuted and reshaped in
-registers; the compiler keeps one layout and moves no data.
+loaded as a tile of VEC-wide vectors ([ITEMS // VEC, LANES, VEC], or [LANES, ITEMS // VEC, VEC]
+on Triton 3.6, see LANES_FIRST) and permuted and reshaped in registers; the compiler keeps one
+layout and moves no data.
 """
 
 import torch
@@ -36,6 +37,12 @@ from ..utils import new_buffer
 
 LOG2E = tl.constexpr(1.4426950408889634)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
+# The order of a vector-load tile's axes that keeps each lane's items in one thread. The
+# coalescing pass breaks the tie between the two strided axes (lanes, vectors of a lane) one
+# way in Triton 3.6 and the other in 3.9; the wrong order spreads a lane's items over four
+# threads and costs 1.6x in the forward (docs/kernel_design.md). 3.7 and 3.8 follow 3.9 here
+# untested.
+LANES_FIRST = tl.constexpr(tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,23 +51,37 @@ FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 @triton.jit
 def _time_offsets(t0, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr):
-    """Time steps of a chunk as a [ITEMS // VEC, LANES, VEC] tile: lane l owns t0 + l*ITEMS + i."""
-    j = tl.arange(0, ITEMS // VEC)[:, None, None]
-    lane = tl.arange(0, LANES)[None, :, None]
+    """Time steps of a chunk as a tile of VEC-wide vectors, lane l owning t0 + l*ITEMS + i:
+    [LANES, ITEMS // VEC, VEC] with LANES_FIRST, else [ITEMS // VEC, LANES, VEC]."""
+    lane = tl.arange(0, LANES)
+    j = tl.arange(0, ITEMS // VEC)
     k = tl.arange(0, VEC)[None, None, :]
-    return t0 + lane * ITEMS + j * VEC + k
+    if LANES_FIRST:
+        t = t0 + lane[:, None, None] * ITEMS + j[None, :, None] * VEC + k
+    else:
+        t = t0 + lane[None, :, None] * ITEMS + j[:, None, None] * VEC + k
+    return t
 
 
 @triton.jit
 def _items_first(x, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr):
-    """[ITEMS // VEC, LANES, VEC] -> [ITEMS, LANES]."""
-    return tl.reshape(tl.permute(x, (0, 2, 1)), (ITEMS, LANES))
+    """The tile of _time_offsets -> [ITEMS, LANES]."""
+    if LANES_FIRST:
+        y = tl.reshape(tl.permute(x, (1, 2, 0)), (ITEMS, LANES))
+    else:
+        y = tl.reshape(tl.permute(x, (0, 2, 1)), (ITEMS, LANES))
+    return y
 
 
 @triton.jit
 def _vectors_first(x, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr):
-    """[ITEMS, LANES] -> [ITEMS // VEC, LANES, VEC], the inverse of _items_first."""
-    return tl.permute(tl.reshape(x, (ITEMS // VEC, VEC, LANES)), (0, 2, 1))
+    """[ITEMS, LANES] -> the tile of _time_offsets, the inverse of _items_first."""
+    y = tl.reshape(x, (ITEMS // VEC, VEC, LANES))
+    if LANES_FIRST:
+        y = tl.permute(y, (2, 0, 1))
+    else:
+        y = tl.permute(y, (0, 2, 1))
+    return y
 
 
 @triton.jit
@@ -251,6 +272,20 @@ def _channel_row(ptr, offs_n, mask_n):
 
 
 @triton.jit
+def _channel_params(A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, d, d_state, offs_n, mask_n,
+                    HAS_D: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, B_VARIABLE: tl.constexpr,
+                    C_VARIABLE: tl.constexpr):
+    """Channel d's A and fixed B, C rows as [BLOCK_N] register vectors (one shuffle per state to
+    read; a variable B or C gives A in its place, unused) and its D and delta_bias (0 if absent)."""
+    A = _channel_row(A_ptr + d * d_state, offs_n, mask_n)
+    B_fixed = A if B_VARIABLE else _channel_row(B_ptr + d * d_state, offs_n, mask_n)
+    C_fixed = A if C_VARIABLE else _channel_row(C_ptr + d * d_state, offs_n, mask_n)
+    D = tl.load(D_ptr + d) if HAS_D else 0.0
+    bias = tl.load(delta_bias_ptr + d) if HAS_DELTA_BIAS else 0.0
+    return A, B_fixed, C_fixed, D, bias
+
+
+@triton.jit
 def _state_tile(row, n, stride_n, d_state, t, mask, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr):
     """Variable B or C of state n (clamped to the last one) as a [ITEMS, LANES] tile."""
     return _load_tile(row + tl.minimum(n, d_state - 1) * stride_n, t, mask, LANES, ITEMS, VEC)
@@ -306,16 +341,10 @@ def selective_scan_fwd_kernel(
     delta_row = delta_ptr + b * stride_delta_b + d * stride_delta_d
     B_row = B_ptr + b * stride_B_b + group * stride_B_g  # variable B, C: this (batch, group)
     C_row = C_ptr + b * stride_C_b + group * stride_C_g
-    # A and fixed B, C: the channel's rows in registers, one shuffle per state to read
-    A = _channel_row(A_ptr + d * d_state, offs_n, mask_n)
-    if not B_VARIABLE:
-        B_fixed = _channel_row(B_ptr + d * d_state, offs_n, mask_n)
-    if not C_VARIABLE:
-        C_fixed = _channel_row(C_ptr + d * d_state, offs_n, mask_n)
+    A, B_fixed, C_fixed, D, bias = _channel_params(A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, d, d_state, offs_n,
+                                                   mask_n, HAS_D, HAS_DELTA_BIAS, B_VARIABLE, C_VARIABLE)
     n_saved = tl.cdiv(seqlen, SAVE_LANES * ITEMS)
     saved = chunk_states_ptr + channel * n_saved * d_state
-    bias = tl.load(delta_bias_ptr + d) if HAS_DELTA_BIAS else 0.0
-    D = tl.load(D_ptr + d) if HAS_D else 0.0
 
     # The state of every n, carried from chunk to chunk in registers.
     if HAS_INITIAL_STATE:
@@ -497,16 +526,11 @@ def selective_scan_bwd_kernel(
     delta_row = delta_ptr + b * stride_delta_b + d * stride_delta_d
     B_row = B_ptr + b * stride_B_b + group * stride_B_g
     C_row = C_ptr + b * stride_C_b + group * stride_C_g
-    A = _channel_row(A_ptr + d * d_state, offs_n, mask_n)
-    if not B_VARIABLE:
-        B_fixed = _channel_row(B_ptr + d * d_state, offs_n, mask_n)
-    if not C_VARIABLE:
-        C_fixed = _channel_row(C_ptr + d * d_state, offs_n, mask_n)
+    A, B_fixed, C_fixed, D, bias = _channel_params(A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, d, d_state, offs_n,
+                                                   mask_n, HAS_D, HAS_DELTA_BIAS, B_VARIABLE, C_VARIABLE)
     dBC_row = (b * groups + group) * d_state * seqlen  # variable dB, dC: (batch, G, N, L)
     n_chunks = tl.cdiv(seqlen, LANES * ITEMS)
     saved = chunk_states_ptr + channel * n_chunks * d_state
-    bias = tl.load(delta_bias_ptr + d) if HAS_DELTA_BIAS else 0.0
-    D = tl.load(D_ptr + d) if HAS_D else 0.0
 
     # dL/dh of the state leaving the current chunk, from every later step (and from last_state).
     if HAS_DLAST_STATE:
