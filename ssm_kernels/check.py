@@ -11,7 +11,7 @@ import time
 import torch
 
 from .ops.selective_scan import selective_scan_fn, selective_scan_ref
-from .ops.selective_scan.backends import available_backends, interpreting
+from .ops.selective_scan.backends import available_backends
 
 # Max |x - ref| / max |ref| allowed per input dtype; the tests use the same table.
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2}

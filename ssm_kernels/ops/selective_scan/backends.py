@@ -94,7 +94,6 @@ def resolve_backend(backend: Optional[str], u) -> str:
     return entry.name
 
 
-def available_backends(device: torch.device, with_reference: bool = False):
-    """Names of the backends that run on `device` (the reference only when asked)."""
-    return [name for name, b in BACKENDS.items()
-            if (with_reference or b.forward is not None) and b.unavailable_reason(device) is None]
+def available_backends(device: torch.device):
+    """Names of the chunked backends (not the reference) that run on `device`."""
+    return [name for name, b in BACKENDS.items() if b.forward is not None and b.unavailable_reason(device) is None]

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .backends import BACKENDS, interpreting, resolve_backend  # noqa: F401  (re-exported)
+from .backends import BACKENDS, resolve_backend
 from .checks import check_inputs, check_multiplier
 from .naive import selective_scan_ref
 
