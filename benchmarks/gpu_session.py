@@ -137,7 +137,7 @@ class Session:
                             timeout=self.args.mamba_build_timeout)
         self.extra_path = [build, os.path.abspath(src)]
         check = run_command(probe, env=self._env())
-        return dict(plan, build=built, import_returncode=check["returncode"], returncode=check["returncode"],
+        return dict(plan, build=built, returncode=check["returncode"],
                     import_output=check["output_tail"][-1500:])
 
     def benchmarks(self):

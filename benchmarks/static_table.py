@@ -58,20 +58,18 @@ def load_model(static_gpu):
 
 
 def model_ours(cfg, out_dir, tools):
-    h100_model, sass_mix, _ = tools
-    records = compile_for_gpu.compile_config(out_dir, **cfg)
+    """Our kernels at this configuration, modeled by the shared tool's --from-dir path."""
+    static_model = tools[2]
+    records = {r["kernel"]: r for r in compile_for_gpu.compile_config(out_dir, **cfg)}
+    with contextlib.redirect_stdout(io.StringIO()):
+        estimates = static_model.model_dir(out_dir, None)
     result = {}
-    for r in records:
-        stem = os.path.join(out_dir, r["kernel"])
-        sass = subprocess.run([os.path.join(compile_for_gpu.BIN, "nvdisasm"), "-c", "-gi", stem + ".cubin"],
-                              capture_output=True, text=True, check=True).stdout
-        with open(stem + ".sass", "w") as f:
-            f.write(sass)
-        est = h100_model.estimate(sass_mix.analyze(stem + ".sass"), r, r["hbm_bytes"], r.get("l2_bytes", 0))
+    for name, est in estimates.items():
+        r = records[name]
         entry = result.setdefault(r["kind"], dict(lower_bound_us=0.0, latency_aware_us=0.0, kernels=[]))
         entry["lower_bound_us"] += est["lower_bound_s"] * 1e6
         entry["latency_aware_us"] += est["latency_aware_s"] * 1e6
-        entry["kernels"].append(dict(kernel=r["kernel"], regs=est["regs"], res_usage=r["res_usage"],
+        entry["kernels"].append(dict(kernel=name, regs=est["regs"], res_usage=r["res_usage"],
                                      insns_per_es=est["per_es_thread_insns"]["total"],
                                      bound_by=est["lower_bound_by"]))
     return result

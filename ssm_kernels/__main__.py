@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from .ops.selective_scan.backends import BACKENDS
+from .ops.selective_scan.backends import CHUNKED_BACKENDS
 
 
 def _add_check_arguments(parser):
@@ -21,7 +21,7 @@ def _add_check_arguments(parser):
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--d-state", type=int, default=16)
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default fp32 on the CPU, bf16 on CUDA")
-    parser.add_argument("--backends", nargs="+", choices=[n for n, b in BACKENDS.items() if b.forward is not None],
+    parser.add_argument("--backends", nargs="+", choices=CHUNKED_BACKENDS,
                         help="default: torch, plus triton on CUDA or under TRITON_INTERPRET=1")
     parser.add_argument("--device", help="default cuda when available, else cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")

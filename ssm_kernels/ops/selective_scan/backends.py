@@ -33,7 +33,6 @@ def _lazy(module: str, name: str) -> Callable:
 @dataclass(frozen=True)
 class Backend:
     name: str
-    summary: str
     # forward(u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus, dt_scale,
     # b_scale, c_scale) -> (out, last_state, chunk_states); None: autograd through the reference
     forward: Optional[Callable]
@@ -55,18 +54,24 @@ def _triton_unavailable(device):
 
 
 BACKENDS = {b.name: b for b in (
-    Backend(name="torch", summary="the same chunked algorithm in vectorized PyTorch (chunk_torch.py)",
+    # the same chunked algorithm in vectorized PyTorch (chunk_torch.py)
+    Backend(name="torch",
             forward=selective_scan_fwd_torch, backward=selective_scan_bwd_torch,
             chunk_size=lambda seqlen, device: CHUNK_SIZE, dtypes=ALL_DTYPES, max_d_state=None,
             state_dtype=compute_dtype, unavailable_reason=lambda device: None),
-    Backend(name="triton", summary="chunked Triton kernels (chunk.py)",
+    # chunked Triton kernels (chunk.py)
+    Backend(name="triton",
             forward=_lazy(".chunk", "selective_scan_fwd_triton"), backward=_lazy(".chunk", "selective_scan_bwd_triton"),
             chunk_size=_lazy(".chunk", "triton_chunk_size"), dtypes=IO_DTYPES, max_d_state=256,
             state_dtype=lambda *tensors: torch.float32, unavailable_reason=_triton_unavailable),
-    Backend(name="ref", summary="the sequential reference (naive.py), differentiated by autograd",
+    # the sequential reference (naive.py), differentiated by autograd
+    Backend(name="ref",
             forward=None, backward=None, chunk_size=None, dtypes=ALL_DTYPES, max_d_state=None,
             state_dtype=compute_dtype, unavailable_reason=lambda device: None),
 )}
+
+
+CHUNKED_BACKENDS = tuple(name for name, b in BACKENDS.items() if b.forward is not None)  # all but the reference
 
 
 def get_backend(name: str, source: str = "backend") -> Backend:
@@ -96,4 +101,4 @@ def resolve_backend(backend: Optional[str], u) -> str:
 
 def available_backends(device: torch.device):
     """Names of the chunked backends (not the reference) that run on `device`."""
-    return [name for name, b in BACKENDS.items() if b.forward is not None and b.unavailable_reason(device) is None]
+    return [name for name in CHUNKED_BACKENDS if BACKENDS[name].unavailable_reason(device) is None]
