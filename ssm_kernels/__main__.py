@@ -4,6 +4,7 @@
 current device (CUDA when present, else the CPU) and prints errors and times for a few widths.
 `profile` runs one configuration under torch.profiler: top kernels, bandwidth, peak memory.
 `coord-check` measures how a parameterization's SSM activations scale with width.
+`train` trains a small MambaLM on text, data- and context-parallel under torchrun.
 """
 
 import argparse
@@ -117,6 +118,9 @@ def main(argv=None):
     _add_check_arguments(sub.add_parser("check", help="backends against the float64 reference (default)"))
     _add_profile_arguments(sub.add_parser("profile", help="one configuration under torch.profiler"))
     _add_coord_check_arguments(sub.add_parser("coord-check", help="activation scaling with width (muP check)"))
+    from . import train
+    train_parser = sub.add_parser("train", help="a small MambaLM on text; DDP + context parallel under torchrun")
+    train.add_arguments(train_parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv.insert(0, "check")
@@ -143,6 +147,10 @@ def main(argv=None):
         if args.steps < 1 or len(args.seeds) < 1:
             parser.error("--steps and --seeds: at least one")
         return _coord_check(args)
+    if args.command == "train":
+        train.check_arguments(train_parser, args)
+        train.train(args)
+        return 0
     parser.print_help()
     return 2
 

@@ -8,12 +8,14 @@ the kernel, which applies them inside the recurrence.
 """
 
 import math
+from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distributed.context_parallel import previous_inputs, selective_scan_cp
 from ..ops.selective_scan import selective_scan_fn
 
 
@@ -44,17 +46,19 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
 
 class SelectiveScan(nn.Module):
     """selective_scan_fn as a module: holds the kernel multipliers, and is where forward hooks
-    see the scan's output and last state (the coordinate check uses them)."""
+    see the scan's output and last state (the coordinate check uses them). With a `cp_group`
+    the sequence is split over its ranks (selective_scan_cp)."""
 
-    def __init__(self, backend: Optional[str] = None):
+    def __init__(self, backend: Optional[str] = None, cp_group=None):
         super().__init__()
         self.dt_scale, self.b_scale, self.c_scale = 1.0, 1.0, 1.0
         self.backend = backend
+        self.cp_group = cp_group
 
     def forward(self, u, delta, A, B, C, D, z, delta_bias):
-        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True, return_last_state=True,
-                                 dt_scale=self.dt_scale, b_scale=self.b_scale, c_scale=self.c_scale,
-                                 backend=self.backend)
+        scan = selective_scan_fn if self.cp_group is None else partial(selective_scan_cp, group=self.cp_group)
+        return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True, return_last_state=True,
+                    dt_scale=self.dt_scale, b_scale=self.b_scale, c_scale=self.c_scale, backend=self.backend)
 
     def extra_repr(self):
         return f"dt_scale={self.dt_scale:g}, b_scale={self.b_scale:g}, c_scale={self.c_scale:g}"
@@ -72,15 +76,17 @@ def _rms(x: Tensor, weight: Optional[Tensor], eps: float):
 
 
 def _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias, A,
-           B, C, D, delta_bias, B_proj_bias, C_proj_bias, b_rms_weight, c_rms_weight, dt_rms_weight, eps, scan):
-    """The shared body of mamba_inner_fn and Mamba.forward; scan(u, delta, A, B, C, D, z, delta_bias)."""
+           B, C, D, delta_bias, B_proj_bias, C_proj_bias, b_rms_weight, c_rms_weight, dt_rms_weight, eps, scan,
+           conv=causal_conv1d):
+    """The shared body of mamba_inner_fn and Mamba.forward; scan(u, delta, A, B, C, D, z, delta_bias),
+    conv(x, weight, bias, activation)."""
     if xz.dim() != 3 or xz.shape[1] % 2:
         raise ValueError(f"xz: expected (batch, 2*d_inner, L), got {tuple(xz.shape)}")
     batch, _, seqlen = xz.shape
     d_state = A.shape[-1]
     dt_rank = delta_proj_weight.shape[1]
     x, z = xz.chunk(2, dim=1)
-    x = causal_conv1d(x, conv1d_weight, conv1d_bias, "silu")
+    x = conv(x, conv1d_weight, conv1d_bias, "silu")
     x_dbl = F.linear(x.transpose(1, 2).reshape(batch * seqlen, -1), x_proj_weight)  # (b*l, r + 2N)
     dt = _rms(x_dbl[:, :dt_rank], dt_rms_weight, eps)
     delta = (delta_proj_weight @ dt.t()).reshape(-1, batch, seqlen).transpose(0, 1)  # (b, d, l), d-major view
@@ -121,12 +127,14 @@ class Mamba(nn.Module):
     """Mamba-1 mixer with mamba_ssm's constructor arguments, defaults and parameter names.
 
     forward: (batch, L, d_model) -> (batch, L, d_model). No inference cache (step-by-step
-    decoding) yet.
+    decoding) yet. With `cp_group` (a torch.distributed process group) each rank passes its
+    contiguous shard of the sequence, rank order = time order: the conv takes its halo from the
+    ranks before, and the scan runs context-parallel (ssm_kernels.distributed).
     """
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
                  dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False, use_fast_path=True,
-                 layer_idx=None, device=None, dtype=None, backend=None):
+                 layer_idx=None, device=None, dtype=None, backend=None, cp_group=None):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
@@ -152,7 +160,7 @@ class Mamba(nn.Module):
         self.D = nn.Parameter(torch.empty(self.d_inner, device=device, dtype=torch.float32))
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
-        self.scan = SelectiveScan(backend)
+        self.scan = SelectiveScan(backend, cp_group)
         self.reset_ssm_parameters()
 
     @torch.no_grad()
@@ -185,7 +193,13 @@ class Mamba(nn.Module):
         A = -torch.exp(_at_least_fp32(self.A_log))
         return _inner(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                       self.out_proj.weight, self.out_proj.bias, A, None, None, _at_least_fp32(self.D),
-                      _at_least_fp32(self.dt_proj.bias), None, None, None, None, None, 1e-6, self.scan)
+                      _at_least_fp32(self.dt_proj.bias), None, None, None, None, None, 1e-6, self.scan,
+                      conv=causal_conv1d if self.scan.cp_group is None else self._conv_with_halo)
+
+    def _conv_with_halo(self, x, weight, bias, activation):
+        """The causal conv of this rank's shard, led by the d_conv - 1 inputs before it."""
+        halo = previous_inputs(x, self.d_conv - 1, group=self.scan.cp_group)
+        return causal_conv1d(torch.cat([halo, x], dim=-1), weight, bias, activation)[..., halo.shape[-1]:]
 
 
 def _at_least_fp32(t: Tensor) -> Tensor:

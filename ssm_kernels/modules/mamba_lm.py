@@ -51,6 +51,7 @@ class MambaLM(nn.Module):
     `ssm_kernels.mup`) scale the embedding output and the logits. The vocabulary is padded to a
     multiple of `pad_vocab_size_multiple`, as in mamba_ssm. Initialization is mamba_ssm's:
     embedding N(0, 0.02), Linear biases zero, out_proj rescaled by 1/sqrt(n_layer).
+    Mixer arguments (e.g. `cp_group` for context parallelism) pass through to every `Mamba`.
     """
 
     def __init__(self, d_model: int, n_layer: int, vocab_size: int, d_state: int = 16, expand: int = 2,
@@ -101,7 +102,16 @@ class MambaLM(nn.Module):
         logits = F.linear(h, self.lm_head.weight)
         return logits * self.readout_multiplier if self.readout_multiplier != 1.0 else logits
 
-    def loss(self, input_ids: Tensor) -> Tensor:
-        """Next-token cross-entropy over input_ids (batch, L)."""
-        logits = self(input_ids[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1))
+    def loss(self, input_ids: Tensor, labels: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+        """Next-token cross-entropy. Without labels: over input_ids (batch, L), input_ids[:, 1:]
+        predicted from input_ids[:, :-1]. With labels (batch, L), the logits of input_ids against
+        them (-100 is ignored), e.g. a context-parallel shard from
+        ssm_kernels.distributed.shard_for_next_token with reduction="sum"."""
+        if labels is None:
+            input_ids, labels = input_ids[:, :-1], input_ids[:, 1:]
+        elif labels.shape != input_ids.shape:
+            raise ValueError(f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(labels.shape)}")
+        logits = self(input_ids)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp16/bf16 -> fp32; fp64 stays
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction=reduction)

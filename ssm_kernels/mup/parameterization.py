@@ -45,6 +45,14 @@ def parameter_roles(model: nn.Module) -> "OrderedDict[str, str]":
     return OrderedDict((n, roles[n]) for n in names)
 
 
+def _is_dtensor(p) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(p, DTensor)
+
+
 class Parameterization:
     """A preset for one optimizer, relative to a base shape (base_d_inner, base_d_state).
 
@@ -95,8 +103,13 @@ class Parameterization:
         roles = parameter_roles(model)
         mixers, (d_inner, d_state, expand) = self._shape(model)
         base_d_model = self.base_d_inner / expand
-        n_layer = getattr(model, "n_layer", None) if isinstance(model, MambaLM) else None
+        lms = [m for m in model.modules() if isinstance(m, MambaLM)]  # also inside a DDP or other wrapper
+        n_layer = lms[0].n_layer if lms else None
         params = dict(model.named_parameters())
+        sharded = [name for name, p in params.items() if _is_dtensor(p)]
+        if sharded:
+            raise ValueError(f"model: parameters {sharded[:3]}... are sharded (DTensor); draw them before "
+                             "sharding: parameterize_ (or init_) first, then fully_shard")
 
         def uniform(t, bound):
             return t.uniform_(-bound, bound, generator=generator)
