@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from ..distributed.context_parallel import previous_inputs, selective_scan_cp
 from ..ops.selective_scan import selective_scan_fn
+from ..ops.state_update import selective_state_update
+from .inference import InferenceParams
 
 
 def _causal_conv1d_cuda():
@@ -77,15 +79,19 @@ def _rms(x: Tensor, weight: Optional[Tensor], eps: float):
 
 def _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias, A,
            B, C, D, delta_bias, B_proj_bias, C_proj_bias, b_rms_weight, c_rms_weight, dt_rms_weight, eps, scan,
-           conv=causal_conv1d):
+           conv=causal_conv1d, cache=None):
     """The shared body of mamba_inner_fn and Mamba.forward; scan(u, delta, A, B, C, D, z, delta_bias),
-    conv(x, weight, bias, activation)."""
+    conv(x, weight, bias, activation). cache: a (conv_state, ssm_state) pair that the prefill fills
+    with the last d_conv conv inputs and the scan's last state."""
     if xz.dim() != 3 or xz.shape[1] % 2:
         raise ValueError(f"xz: expected (batch, 2*d_inner, L), got {tuple(xz.shape)}")
     batch, _, seqlen = xz.shape
     d_state = A.shape[-1]
     dt_rank = delta_proj_weight.shape[1]
     x, z = xz.chunk(2, dim=1)
+    if cache is not None:
+        width = cache[0].shape[-1]
+        cache[0].copy_(F.pad(x, (max(0, width - seqlen), 0))[..., -width:])
     x = conv(x, conv1d_weight, conv1d_bias, "silu")
     x_dbl = F.linear(x.transpose(1, 2).reshape(batch * seqlen, -1), x_proj_weight)  # (b*l, r + 2N)
     dt = _rms(x_dbl[:, :dt_rank], dt_rms_weight, eps)
@@ -100,7 +106,9 @@ def _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out
         if C_proj_bias is not None:
             C = C + C_proj_bias.to(C.dtype)
         C = _rms(C, c_rms_weight, eps).reshape(batch, seqlen, d_state).transpose(1, 2)
-    y, _ = scan(x, delta, A, B, C, D, z, delta_bias)
+    y, last_state = scan(x, delta, A, B, C, D, z, delta_bias)
+    if cache is not None:
+        cache[1].copy_(last_state)
     return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
 
 
@@ -126,8 +134,8 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
 class Mamba(nn.Module):
     """Mamba-1 mixer with mamba_ssm's constructor arguments, defaults and parameter names.
 
-    forward: (batch, L, d_model) -> (batch, L, d_model). No inference cache (step-by-step
-    decoding) yet. With `cp_group` (a torch.distributed process group) each rank passes its
+    forward: (batch, L, d_model) -> (batch, L, d_model); with `inference_params`, the prefill
+    and then one token per call (`step`, on selective_state_update). With `cp_group` (a torch.distributed process group) each rank passes its
     contiguous shard of the sequence, rank order = time order: the conv takes its halo from the
     ranks before, and the scan runs context-parallel (ssm_kernels.distributed).
     """
@@ -186,15 +194,67 @@ class Mamba(nn.Module):
         dt = dt.clamp(min=self.dt_init_floor)
         return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
+    def forward(self, hidden_states: Tensor, inference_params: Optional[InferenceParams] = None) -> Tensor:
+        """hidden_states (batch, L, d_model). With inference_params: the prefill when its
+        seqlen_offset is 0 (fills this layer's cache), else one decoding step per call (L = 1)."""
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"hidden_states: expected (batch, L, {self.d_model}), got {tuple(hidden_states.shape)}")
+        cache = None
+        if inference_params is not None:
+            cache = self._cache(inference_params, hidden_states.shape[0])
+            if inference_params.seqlen_offset > 0:
+                return self.step(hidden_states, *cache)[0]
         xz = F.linear(hidden_states, self.in_proj.weight, self.in_proj.bias).transpose(1, 2)  # (b, 2d, l)
         A = -torch.exp(_at_least_fp32(self.A_log))
         return _inner(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                       self.out_proj.weight, self.out_proj.bias, A, None, None, _at_least_fp32(self.D),
                       _at_least_fp32(self.dt_proj.bias), None, None, None, None, None, 1e-6, self.scan,
-                      conv=causal_conv1d if self.scan.cp_group is None else self._conv_with_halo)
+                      conv=causal_conv1d if self.scan.cp_group is None else self._conv_with_halo, cache=cache)
+
+    # -- decoding ----------------------------------------------------------------------------
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 0, dtype=None, **kwargs):
+        """(conv_state (batch, d_inner, d_conv), ssm_state (batch, d_inner, N)), zeros; the ssm
+        state in fp32 (fp64 for an fp64 model), as the scan keeps it."""
+        weight = self.out_proj.weight
+        conv_dtype = dtype or self.conv1d.weight.dtype
+        ssm_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        return (torch.zeros(batch_size, self.d_inner, self.d_conv, device=weight.device, dtype=conv_dtype),
+                torch.zeros(batch_size, self.d_inner, self.d_state, device=weight.device, dtype=ssm_dtype))
+
+    def _cache(self, inference_params: InferenceParams, batch: int):
+        if self.layer_idx is None:
+            raise ValueError("Mamba: decoding with inference_params needs layer_idx (the key of its cache)")
+        store = inference_params.key_value_memory_dict
+        fresh = inference_params.seqlen_offset == 0  # a prefill starts from zero states
+        if self.layer_idx not in store or fresh:
+            store[self.layer_idx] = self.allocate_inference_cache(batch, inference_params.max_seqlen)
+        cache = store[self.layer_idx]
+        if cache[0].shape[0] != batch:
+            raise ValueError(f"hidden_states: batch {batch} differs from the cache's {cache[0].shape[0]}")
+        return cache
+
+    def step(self, hidden_states: Tensor, conv_state: Tensor, ssm_state: Tensor):
+        """One token: hidden_states (batch, 1, d_model) -> (out (batch, 1, d_model), conv_state,
+        ssm_state), the two states updated in place; the multipliers as in training."""
+        if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
+            raise ValueError(f"hidden_states: a decoding step takes one token, (batch, 1, {self.d_model}); got "
+                             f"{tuple(hidden_states.shape)}")
+        xz = F.linear(hidden_states.squeeze(1), self.in_proj.weight, self.in_proj.bias)  # (b, 2d)
+        x, z = xz.chunk(2, dim=-1)
+        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        conv_state[:, :, -1] = x
+        weight = self.conv1d.weight.squeeze(1)  # (d, width)
+        x = (conv_state * weight).sum(-1)
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias
+        x = F.silu(x).to(xz.dtype)
+        dt, B, C = F.linear(x, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # the bias goes in with the softplus, as in the scan
+        s = self.scan
+        y = selective_state_update(ssm_state, x, dt, -torch.exp(_at_least_fp32(self.A_log)), B, C,
+                                   _at_least_fp32(self.D), z, _at_least_fp32(self.dt_proj.bias), dt_softplus=True,
+                                   dt_scale=s.dt_scale, b_scale=s.b_scale, c_scale=s.c_scale, backend=s.backend)
+        return F.linear(y, self.out_proj.weight, self.out_proj.bias).unsqueeze(1), conv_state, ssm_state
 
     def _conv_with_halo(self, x, weight, bias, activation):
         """The causal conv of this rank's shard, led by the d_conv - 1 inputs before it."""

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .inference import InferenceParams, sample
 from .mamba import Mamba, rms_norm
 
 
@@ -31,8 +32,8 @@ class Block(nn.Module):
         self.norm = RMSNorm(d_model, eps=norm_epsilon)
         self.mixer = Mamba(d_model, **mixer_kwargs)
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        return hidden_states + self.mixer(self.norm(hidden_states))
+    def forward(self, hidden_states: Tensor, inference_params: Optional[InferenceParams] = None) -> Tensor:
+        return hidden_states + self.mixer(self.norm(hidden_states), inference_params)
 
 
 class _Backbone(nn.Module):
@@ -92,12 +93,17 @@ class MambaLM(nn.Module):
             layer.mixer.out_proj.weight.div_(math.sqrt(self.n_layer))
         self.backbone.embedding.weight.normal_(0.0, 0.02, generator=generator)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, inference_params: Optional[InferenceParams] = None,
+                num_last_tokens: int = 0) -> Tensor:
+        """Logits (batch, L, vocab); only the last num_last_tokens positions when > 0. With
+        inference_params: the prefill, then one token per call (see generate)."""
         h = self.backbone.embedding(input_ids)
         if self.embedding_multiplier != 1.0:
             h = h * self.embedding_multiplier
         for layer in self.backbone.layers:
-            h = layer(h)
+            h = layer(h, inference_params)
+        if num_last_tokens > 0:
+            h = h[:, -num_last_tokens:]
         h = self.backbone.norm_f(h)
         logits = F.linear(h, self.lm_head.weight)
         return logits * self.readout_multiplier if self.readout_multiplier != 1.0 else logits
@@ -115,3 +121,45 @@ class MambaLM(nn.Module):
         logits = self(input_ids)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp16/bf16 -> fp32; fp64 stays
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction=reduction)
+
+    # -- generation -------------------------------------------------------------------------------
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None):
+        """{layer_idx: (conv_state, ssm_state)} for every layer, zeros."""
+        return {i: layer.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype)
+                for i, layer in enumerate(self.backbone.layers)}
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 0.0, eos_token_id: Optional[int] = None, progress: bool = False,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        """Continues input_ids (batch, L >= 1) by max_new_tokens tokens: one prefill through the
+        scan, then one selective_state_update step per token. Greedy when temperature == 0 or
+        top_k == 1, else sampling (top_k: 0 = all tokens; top_p: 0 = no nucleus cut). A sequence
+        that produced eos_token_id keeps emitting it. progress: a tqdm bar over the new tokens.
+        Returns (batch, L + max_new_tokens)."""
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids: expected (batch, L) with L >= 1, got "
+                             f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature: expected a finite number >= 0, got {temperature}")
+        if not (isinstance(top_k, int) and top_k >= 0):
+            raise ValueError(f"top_k: expected an int >= 0, got {top_k!r}")
+        if not (0.0 <= top_p <= 1.0):
+            raise ValueError(f"top_p: expected a number in [0, 1], got {top_p}")
+        batch, prompt = input_ids.shape
+        params = InferenceParams(max_seqlen=prompt + max_new_tokens, max_batch_size=batch)
+        tokens, done = [input_ids], torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        step_ids = input_ids
+        from tqdm import tqdm
+        for _ in tqdm(range(max_new_tokens), desc="generate", unit="token", disable=not progress, leave=False):
+            logits = self(step_ids, params, num_last_tokens=1)[:, -1]
+            params.seqlen_offset += step_ids.shape[1]
+            nxt = sample(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            step_ids = nxt[:, None]
+            tokens.append(step_ids)
+        return torch.cat(tokens, dim=1)
