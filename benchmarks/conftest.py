@@ -56,10 +56,20 @@ def bench_device(config):
 
 
 def pytest_generate_tests(metafunc):
-    if "mode" not in metafunc.fixturenames:
-        return
     config = metafunc.config
     device = bench_device(config)
+    ours = [b for b in bench_option(config, "backends") or available_backends(device) if b != "mamba_ssm"]
+    if "layout" in metafunc.fixturenames:  # packing: our backends (mamba_ssm has no cu_seqlens) x layouts
+        metafunc.parametrize("backend,layout", [(b, lay) for b in ours for lay in ("packed", "padded")],
+                             ids=[f"{lay}-{b}" for b in ours for lay in ("packed", "padded")])
+        return
+    if "decode_width" in metafunc.fixturenames:
+        widths = list(map(int, bench_option(config, "widths")))
+        metafunc.parametrize("backend,decode_width", [(b, w) for b in ours for w in widths],
+                             ids=[f"decode-{b}-d{w}" for b in ours for w in widths])
+        return
+    if "mode" not in metafunc.fixturenames:
+        return
     backends = bench_option(config, "backends") or available_backends(device)
     modes = bench_option(config, "modes") or list(MODES)
     multipliers = bench_option(config, "multipliers") or list(MULTIPLIER_MODES)
@@ -79,7 +89,8 @@ def pytest_generate_tests(metafunc):
 def bench_settings(request):
     """Device, shape and round counts shared by every benchmark of the run."""
     config = request.config
-    return dict(device=bench_device(config), batch=int(bench_option(config, "batch")[0]),
+    return dict(device=bench_device(config), widths=list(map(int, bench_option(config, "widths"))),
+                batch=int(bench_option(config, "batch")[0]),
                 seqlen=int(bench_option(config, "seqlen")[0]), d_state=int(bench_option(config, "d_state")[0]),
                 dtype=bench_option(config, "dtype")[0], rounds=int(bench_option(config, "rounds")[0]),
                 warmup=int(bench_option(config, "warmup")[0]))

@@ -7,7 +7,10 @@ its runtime specialization (integers equal to 1 become constants; integers and p
 divisible by 16 are marked so), compiles for the target and launches nothing.
 
     python tests/compile_for_gpu.py --out DIR [--batch 4 --dim 2048 --seqlen 2048 --d-state 16
-        --dtype bf16] [--fixed-bc] [--deterministic] [--arch 90]
+        --dtype bf16] [--fixed-bc] [--deterministic] [--packed | --state-update] [--arch 90]
+
+--packed: the same tokens as `batch` sequences of `seqlen` packed into one row (cu_seqlens);
+--state-update: the decoding kernel (selective_state_update) for a batch of one step each.
 
 writes, for every kernel the forward and backward launch, DIR/<name>.cubin and DIR/<name>.json
 (kernel, kind, ctas, num_warps, shared_bytes, res_usage, loop_trips, es_total, hbm_bytes,
@@ -73,11 +76,15 @@ class CompileOnly:
         triton_jit.JITFunction.run = self._run
 
 
-def make_inputs(batch, dim, seqlen, d_state, dtype, fixed_bc, optional=True, groups=1):
+def make_inputs(batch, dim, seqlen, d_state, dtype, fixed_bc, optional=True, groups=1, packed=False):
     """A Mamba-like call on the meta device: variable (batch, G, N, L) or fixed B/C; D, z,
     delta_bias and an initial state when `optional`; delta as the d-major view mamba_inner_fn
-    passes."""
+    passes. packed: the batch's sequences one after another in a row of batch * seqlen steps,
+    with cu_seqlens (batch + 1,) and one initial state per sequence."""
     meta = dict(device="meta")
+    sequences = batch
+    if packed:
+        batch, seqlen = 1, batch * seqlen
 
     def state_matrix():
         return (torch.empty(dim, d_state, **meta) if fixed_bc
@@ -85,10 +92,11 @@ def make_inputs(batch, dim, seqlen, d_state, dtype, fixed_bc, optional=True, gro
     x = dict(u=torch.empty(batch, dim, seqlen, dtype=dtype, **meta),
              delta=torch.empty(dim, batch, seqlen, dtype=dtype, **meta).transpose(0, 1),
              A=torch.empty(dim, d_state, **meta), B=state_matrix(), C=state_matrix(),
-             z=None, D=None, delta_bias=None, initial_state=None)
+             z=None, D=None, delta_bias=None, initial_state=None,
+             cu_seqlens=torch.empty(sequences + 1, dtype=torch.int32, **meta) if packed else None)
     if optional:
         x.update(z=torch.empty(batch, dim, seqlen, dtype=dtype, **meta), D=torch.empty(dim, **meta),
-                 delta_bias=torch.empty(dim, **meta), initial_state=torch.empty(batch, dim, d_state, **meta))
+                 delta_bias=torch.empty(dim, **meta), initial_state=torch.empty(sequences, dim, d_state, **meta))
     return x
 
 
@@ -102,7 +110,11 @@ SHIPPED = [
     dict(batch=2, dim=64, seqlen=512, d_state=64, dtype="bf16", fixed_bc=True),
     dict(batch=1, dim=64, seqlen=8192, d_state=256, dtype="bf16", optional=False),
     dict(batch=2, dim=64, seqlen=1000, d_state=48, dtype="fp32"),
+    dict(batch=3, dim=64, seqlen=700, d_state=16, dtype="bf16", packed=True),
 ]
+# The decoding kernel: N from 16 to 256.
+SHIPPED_STATE_UPDATE = [dict(batch=8, dim=256, d_state=16, dtype="bf16"),
+                        dict(batch=2, dim=64, d_state=256, dtype="fp32")]
 
 
 REDUCE_ROLES = {0: "", 1: "_bound", 2: "_fixed"}  # the backward's REDUCE constexpr -> name suffix
@@ -116,6 +128,9 @@ def traffic(role, batch, dim, seqlen, d_state, itemsize, fixed_bc, n_saved):
     of the deterministic sums to fp32."""
     X = batch * dim * seqlen
     S = 0 if fixed_bc else batch * d_state * seqlen
+    if role == "state_update":  # read state, x, dt, z, B, C; write state, out
+        state = batch * dim * d_state * 4
+        return 2 * state + 4 * X * itemsize + 2 * S * itemsize, 2 * state + 4 * X * itemsize + 2 * S * itemsize * dim
     states = batch * dim * n_saved * d_state * 4
     per_channel_bc = 0 if fixed_bc else 2 * d_state * seqlen * itemsize * batch * dim
     reductions = 0 if fixed_bc else 2 * X * d_state
@@ -133,28 +148,57 @@ def traffic(role, batch, dim, seqlen, d_state, itemsize, fixed_bc, n_saved):
 
 
 def compile_config(out_dir, *, batch=4, dim=2048, seqlen=2048, d_state=16, dtype="bf16", fixed_bc=False,
-                   optional=True, groups=1, deterministic=False, arch=90):
+                   optional=True, groups=1, deterministic=False, packed=False, arch=90):
     """Compile every kernel of one forward + backward call; write DIR/<name>.{cubin,json}.
     Returns the JSON records."""
-    x = make_inputs(batch, dim, seqlen, d_state, DTYPES[dtype], fixed_bc, optional, groups)
+    x = make_inputs(batch, dim, seqlen, d_state, DTYPES[dtype], fixed_bc, optional, groups, packed)
     B, C, groups = check_inputs(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
-                                x["initial_state"], backend="triton")
+                                x["initial_state"], backend="triton", state_rows=batch if packed else None)
     scales = dict(dt_scale=0.5, b_scale=2.0, c_scale=0.25)
+    cu_seqlens = x["cu_seqlens"]
     with CompileOnly(arch) as launches:
         out, last, states = chunk.selective_scan_fwd_triton(x["u"], x["delta"], x["A"], B, C, x["D"], x["z"],
                                                             x["delta_bias"], x["initial_state"], groups, optional,
-                                                            *scales.values())
+                                                            *scales.values(), cu_seqlens=cu_seqlens)
         chunk.selective_scan_bwd_triton(torch.empty_like(out), torch.empty_like(last) if optional else None,
                                         x["u"], x["delta"], x["A"], B, C, x["D"], x["z"], x["delta_bias"], states,
-                                        groups, optional, *scales.values(), deterministic=deterministic)
+                                        groups, optional, *scales.values(), deterministic=deterministic,
+                                        cu_seqlens=cu_seqlens)
+    return _write(out_dir, launches.compiled, dict(
+        arch=arch, dtype=dtype, batch=batch, dim=dim, seqlen=seqlen, d_state=d_state, fixed_bc=fixed_bc,
+        deterministic=deterministic, packed=packed), states.shape[2] // batch if packed else states.shape[2])
+
+
+def compile_state_update(out_dir, *, batch=64, dim=4096, d_state=16, dtype="bf16", arch=90):
+    """Compile the decoding kernel for one step of a (batch, dim) batch with an fp32 state."""
+    from ssm_kernels.ops.state_update import kernel as state_update
+    meta = dict(device="meta")
+    io = dict(dtype=DTYPES[dtype], **meta)
+    x = torch.empty(batch, dim, **io)
+    BC = torch.empty(batch, 1, d_state, **io)
+    with CompileOnly(arch) as launches:
+        state_update.state_update_triton(
+            torch.empty(batch, dim, d_state, **meta), x, torch.empty_like(x), torch.empty(dim, d_state, **meta),
+            BC, torch.empty_like(BC), torch.empty(dim, **meta), torch.empty_like(x), torch.empty(dim, **meta), True,
+            0.5, 2.0, 0.25, None, torch.empty_like(x))
+    return _write(out_dir, launches.compiled, dict(arch=arch, dtype=dtype, batch=batch, dim=dim, seqlen=1,
+                                                   d_state=d_state, fixed_bc=False, deterministic=False,
+                                                   packed=False), 0)
+
+
+def _write(out_dir, compiled, cfg, n_saved):
+    """DIR/<kernel>.{cubin,json} for each compiled launch; returns the records."""
+    batch, dim, seqlen, d_state, dtype = (cfg[k] for k in ("batch", "dim", "seqlen", "d_state", "dtype"))
+    itemsize = DTYPES[dtype].itemsize
     os.makedirs(out_dir, exist_ok=True)
     records = []
-    for launch in launches.compiled:
+    for launch in compiled:
         bound = {k: getattr(v, "value", v) for k, v in launch["bound"].items()}  # constexprs unwrapped
         suffix = REDUCE_ROLES.get(bound.get("REDUCE"), "")
         name = launch["fn"].__name__ + suffix
-        kind = "fwd" if "fwd" in name else "bwd"
-        role = "fixed_point" if name.startswith("fixed_point") else kind + suffix
+        kind = "fwd" if "fwd" in name or "state_update" in name else "bwd"
+        role = ("fixed_point" if name.startswith("fixed_point") else "state_update" if "state_update" in name
+                else kind + suffix)
         if any(r["kernel"] == name for r in records):  # a kernel launched twice (dB and dC)
             name += f"_{sum(r['kernel'].startswith(name) for r in records)}"
         stem = os.path.join(out_dir, name)
@@ -162,11 +206,10 @@ def compile_config(out_dir, *, batch=4, dim=2048, seqlen=2048, d_state=16, dtype
             f.write(launch["kernel"].asm["cubin"])
         res_usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", stem + ".cubin"],
                                    capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1].strip()
-        hbm, l2 = traffic(role, batch, dim, seqlen, d_state, DTYPES[dtype].itemsize, fixed_bc, states.shape[2])
+        hbm, l2 = traffic(role, batch, dim, seqlen, d_state, itemsize, cfg["fixed_bc"], n_saved)
         loop_trips = [triton.cdiv(seqlen, bound["LANES"] * bound["ITEMS"]), d_state] if "LANES" in bound else 1
         grid = launch["grid"]
-        record = dict(kernel=name, kind=kind, arch=arch, dtype=dtype, batch=batch, dim=dim, seqlen=seqlen,
-                      d_state=d_state, fixed_bc=fixed_bc, deterministic=deterministic, grid=grid,
+        record = dict(kernel=name, kind=kind, **cfg, grid=grid,
                       ctas=grid[0] * grid[1] * grid[2], num_warps=launch["num_warps"],
                       shared_bytes=launch["kernel"].metadata.shared, res_usage=res_usage, loop_trips=loop_trips,
                       es_total=bound["numel"] if "numel" in bound else batch * dim * seqlen * d_state,
@@ -188,6 +231,8 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--fixed-bc", action="store_true", help="fixed (dim, N) B and C instead of variable")
     parser.add_argument("--deterministic", action="store_true", help="the backward's deterministic mode")
+    parser.add_argument("--packed", action="store_true", help="the batch's sequences packed in one row (cu_seqlens)")
+    parser.add_argument("--state-update", action="store_true", help="the decoding kernel (selective_state_update)")
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--shipped", action="store_true",
                         help="instead of one configuration, every variant the launchers pick (DIR/<n>/...)")
@@ -196,9 +241,19 @@ def main(argv=None):
         calls = [(os.path.join(args.out, str(i)), dict(cfg, deterministic=det))
                  for i, cfg in enumerate(SHIPPED) for det in (False, True)]
         calls = [(path + ("-deterministic" if cfg["deterministic"] else ""), cfg) for path, cfg in calls]
+        for i, cfg in enumerate(SHIPPED_STATE_UPDATE):
+            for r in compile_state_update(os.path.join(args.out, f"state_update-{i}"), arch=args.arch, **cfg):
+                print(f"{r['kernel']} ({', '.join(f'{k}={v}' for k, v in cfg.items())}): grid {r['grid']}, "
+                      f"{r['num_warps']} warps, {r['res_usage']}", flush=True)
+    elif args.state_update:
+        for r in compile_state_update(args.out, batch=args.batch, dim=args.dim, d_state=args.d_state,
+                                      dtype=args.dtype, arch=args.arch):
+            print(f"{r['kernel']}: grid {r['grid']}, {r['num_warps']} warps, {r['res_usage']}", flush=True)
+        return 0
     else:
         calls = [(args.out, dict(batch=args.batch, dim=args.dim, seqlen=args.seqlen, d_state=args.d_state,
-                                 dtype=args.dtype, fixed_bc=args.fixed_bc, deterministic=args.deterministic))]
+                                 dtype=args.dtype, fixed_bc=args.fixed_bc, deterministic=args.deterministic,
+                                 packed=args.packed))]
     for path, cfg in calls:
         for r in compile_config(path, arch=args.arch, **cfg):
             print(f"{r['kernel']} ({', '.join(f'{k}={v}' for k, v in cfg.items())}): grid {r['grid']}, "

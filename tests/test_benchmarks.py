@@ -21,8 +21,10 @@ TINY = ["--bench-seqlen", "33", "--bench-batch", "2", "--bench-d-state", "4", "-
 
 
 def run_benchmarks(*args):
+    """pytest on benchmarks/ (or the file given first) with these options."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSM_BENCH_")}
-    result = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", *args],
+    target = [] if args and args[0].startswith("benchmarks/") else ["benchmarks"]
+    result = subprocess.run([sys.executable, "-m", "pytest", *target, "-q", "-p", "no:cacheprovider", *args],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -31,7 +33,8 @@ def run_benchmarks(*args):
 @pytest.fixture(scope="module")
 def results_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "results.json"
-    run_benchmarks(*TINY, "--bench-widths", "8,16", "--bench-backends", "torch", f"--benchmark-json={path}")
+    run_benchmarks("benchmarks/test_scan_throughput.py", *TINY, "--bench-widths", "8,16", "--bench-backends", "torch",
+                   f"--benchmark-json={path}")
     return path
 
 
@@ -53,7 +56,7 @@ def test_benchmarks_cover_the_grid_with_extra_info(results_file):
 
 def test_benchmarks_run_the_triton_kernels_under_the_interpreter(tmp_path):
     path = tmp_path / "triton.json"
-    run_benchmarks("--bench-seqlen", "5", "--bench-d-state", "4", "--bench-widths", "8", "--bench-rounds", "1",
+    run_benchmarks("benchmarks/test_scan_throughput.py", "--bench-seqlen", "5", "--bench-d-state", "4", "--bench-widths", "8", "--bench-rounds", "1",
                    "--bench-warmup", "0", "--bench-backends", "triton", "--bench-modes", "fwdbwd",
                    "--bench-multipliers", "fused", f"--benchmark-json={path}")
     [bench] = json.loads(path.read_text())["benchmarks"]
@@ -63,7 +66,7 @@ def test_benchmarks_run_the_triton_kernels_under_the_interpreter(tmp_path):
 def test_benchmarks_run_with_benchmark_disable():
     result = run_benchmarks(*TINY, "--bench-widths", "8", "--benchmark-disable", "--bench-modes", "bwd",
                             "--bench-backends", "torch")
-    assert "3 passed" in result.stdout
+    assert "6 passed" in result.stdout  # 3 scan multiplier modes, packed and padded, one decode width
 
 
 def test_bytes_moved_counts_every_tensor_the_op_reads_and_writes_once():
@@ -146,3 +149,14 @@ def test_plot_refuses_a_file_without_timings(tmp_path, capsys):
         load_results(path)
     assert bench_cli.main(["plot", str(path), "-o", str(tmp_path / "x.png")]) == 1
     assert "no timed" in capsys.readouterr().err
+
+
+def test_packing_and_decode_benchmarks(tmp_path):
+    path = tmp_path / "packing.json"
+    run_benchmarks("benchmarks/test_packing_and_decode.py", *TINY, "--bench-widths", "8", "--bench-backends",
+                   "torch", f"--benchmark-json={path}")
+    benches = {b["name"]: b["extra_info"] for b in json.loads(path.read_text())["benchmarks"]}
+    packed, padded = benches["test_packing[packed-torch]"], benches["test_packing[padded-torch]"]
+    assert packed["tokens_real"] == padded["tokens_real"] == sum(packed["lengths"])
+    assert padded["tokens_computed"] == 8 * max(packed["lengths"]) >= packed["tokens_computed"]
+    assert benches["test_decode[decode-torch-d8]"]["tokens_per_s"] > 0

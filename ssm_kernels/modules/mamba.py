@@ -29,20 +29,38 @@ def _causal_conv1d_cuda():
     return causal_conv1d_fn
 
 
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = "silu"):
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = "silu",
+                  cu_seqlens: Optional[Tensor] = None):
     """Depthwise causal conv over (batch, dim, L) with weight (dim, width), then SiLU (or nothing).
 
     Uses causal-conv1d's kernel for CUDA tensors when it is installed, F.conv1d otherwise; the
-    two give the same result."""
+    two give the same result. cu_seqlens: packed sequences (batch 1), as in selective_scan_fn;
+    no tap reaches across a sequence start."""
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation: expected None, 'silu' or 'swish', got {activation!r}")
     if weight.dim() == 3:  # (dim, 1, width), as stored by nn.Conv1d
         weight = weight.squeeze(1)
+    if cu_seqlens is not None:
+        return _packed_causal_conv1d(x, weight, bias, activation, cu_seqlens)
     fast = _causal_conv1d_cuda() if x.is_cuda else None
     if fast is not None:
         return fast(x, weight, bias, activation)
     width = weight.shape[-1]
     out = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=x.shape[1])[..., :x.shape[-1]]
+    return F.silu(out) if activation is not None else out
+
+
+def _packed_causal_conv1d(x, weight, bias, activation, cu_seqlens):
+    """The causal conv as a sum over taps, each masked where it would read the sequence before."""
+    seqlen, width = x.shape[-1], weight.shape[-1]
+    t = torch.arange(seqlen, device=x.device)
+    cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
+    position = t - cu[torch.searchsorted(cu[1:], t, right=True)]  # steps since the sequence start
+    padded = F.pad(x, (width - 1, 0))
+    out = torch.zeros_like(x) if bias is None else bias.to(x.dtype)[:, None].expand_as(x).clone()
+    for k in range(width):
+        back = width - 1 - k  # tap k reads x[t - back]
+        out = out + weight[:, k, None] * padded[..., k:k + seqlen] * (position >= back)
     return F.silu(out) if activation is not None else out
 
 
@@ -57,8 +75,13 @@ class SelectiveScan(nn.Module):
         self.backend = backend
         self.cp_group = cp_group
 
-    def forward(self, u, delta, A, B, C, D, z, delta_bias):
-        scan = selective_scan_fn if self.cp_group is None else partial(selective_scan_cp, group=self.cp_group)
+    def forward(self, u, delta, A, B, C, D, z, delta_bias, cu_seqlens=None):
+        if self.cp_group is not None:
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens: packed sequences are not supported under context parallelism")
+            scan = partial(selective_scan_cp, group=self.cp_group)
+        else:
+            scan = partial(selective_scan_fn, cu_seqlens=cu_seqlens)
         return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True, return_last_state=True,
                     dt_scale=self.dt_scale, b_scale=self.b_scale, c_scale=self.c_scale, backend=self.backend)
 
@@ -79,10 +102,11 @@ def _rms(x: Tensor, weight: Optional[Tensor], eps: float):
 
 def _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias, A,
            B, C, D, delta_bias, B_proj_bias, C_proj_bias, b_rms_weight, c_rms_weight, dt_rms_weight, eps, scan,
-           conv=causal_conv1d, cache=None):
-    """The shared body of mamba_inner_fn and Mamba.forward; scan(u, delta, A, B, C, D, z, delta_bias),
-    conv(x, weight, bias, activation). cache: a (conv_state, ssm_state) pair that the prefill fills
-    with the last d_conv conv inputs and the scan's last state."""
+           conv=causal_conv1d, cache=None, cu_seqlens=None):
+    """The shared body of mamba_inner_fn and Mamba.forward; scan(u, delta, A, B, C, D, z, delta_bias,
+    cu_seqlens), conv(x, weight, bias, activation). cache: a (conv_state, ssm_state) pair that the
+    prefill fills with the last d_conv conv inputs and the scan's last state. cu_seqlens: packed
+    sequences (batch 1) for the conv and the scan."""
     if xz.dim() != 3 or xz.shape[1] % 2:
         raise ValueError(f"xz: expected (batch, 2*d_inner, L), got {tuple(xz.shape)}")
     batch, _, seqlen = xz.shape
@@ -92,7 +116,8 @@ def _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out
     if cache is not None:
         width = cache[0].shape[-1]
         cache[0].copy_(F.pad(x, (max(0, width - seqlen), 0))[..., -width:])
-    x = conv(x, conv1d_weight, conv1d_bias, "silu")
+    x = conv(x, conv1d_weight, conv1d_bias, "silu") if cu_seqlens is None else \
+        causal_conv1d(x, conv1d_weight, conv1d_bias, "silu", cu_seqlens=cu_seqlens)
     x_dbl = F.linear(x.transpose(1, 2).reshape(batch * seqlen, -1), x_proj_weight)  # (b*l, r + 2N)
     dt = _rms(x_dbl[:, :dt_rank], dt_rms_weight, eps)
     delta = (delta_proj_weight @ dt.t()).reshape(-1, batch, seqlen).transpose(0, 1)  # (b, d, l), d-major view
@@ -106,7 +131,7 @@ def _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out
         if C_proj_bias is not None:
             C = C + C_proj_bias.to(C.dtype)
         C = _rms(C, c_rms_weight, eps).reshape(batch, seqlen, d_state).transpose(1, 2)
-    y, last_state = scan(x, delta, A, B, C, D, z, delta_bias)
+    y, last_state = scan(x, delta, A, B, C, D, z, delta_bias, cu_seqlens)
     if cache is not None:
         cache[1].copy_(last_state)
     return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
@@ -115,20 +140,22 @@ def _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out
 def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias,
                    A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
                    delta_softplus=True, checkpoint_lvl=1, b_rms_weight=None, c_rms_weight=None, dt_rms_weight=None,
-                   b_c_dt_rms_eps=1e-6, *, dt_scale=1.0, b_scale=1.0, c_scale=1.0, backend=None):
+                   b_c_dt_rms_eps=1e-6, *, dt_scale=1.0, b_scale=1.0, c_scale=1.0, backend=None, cu_seqlens=None):
     """mamba_ssm's mamba_inner_fn (same arguments) on our scan, plus the kernel multipliers.
 
     xz: (batch, 2*d_inner, L), the in_proj output; returns (batch, L, d_model). Autograd runs
     through ordinary torch ops and our scan's custom op. `checkpoint_lvl` is accepted and
     ignored: our scan never saves a (batch, d_inner, L, N) tensor, so nothing is recomputed.
+    cu_seqlens: packed sequences (batch 1), as in selective_scan_fn; the conv does not reach
+    across them either.
     """
-    def scan(u, delta, A, B, C, D, z, delta_bias):
+    def scan(u, delta, A, B, C, D, z, delta_bias, cu_seqlens):
         return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus,
                                  return_last_state=True, dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale,
-                                 backend=backend)
+                                 backend=backend, cu_seqlens=cu_seqlens)
     return _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias,
                   A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, b_rms_weight, c_rms_weight, dt_rms_weight,
-                  b_c_dt_rms_eps, scan)
+                  b_c_dt_rms_eps, scan, cu_seqlens=cu_seqlens)
 
 
 class Mamba(nn.Module):
@@ -194,9 +221,13 @@ class Mamba(nn.Module):
         dt = dt.clamp(min=self.dt_init_floor)
         return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
 
-    def forward(self, hidden_states: Tensor, inference_params: Optional[InferenceParams] = None) -> Tensor:
+    def forward(self, hidden_states: Tensor, inference_params: Optional[InferenceParams] = None,
+                cu_seqlens: Optional[Tensor] = None) -> Tensor:
         """hidden_states (batch, L, d_model). With inference_params: the prefill when its
-        seqlen_offset is 0 (fills this layer's cache), else one decoding step per call (L = 1)."""
+        seqlen_offset is 0 (fills this layer's cache), else one decoding step per call (L = 1).
+        cu_seqlens: packed sequences along L with batch 1 (selective_scan_fn's convention)."""
+        if cu_seqlens is not None and inference_params is not None:
+            raise ValueError("cu_seqlens: packed sequences are for training and scoring, not with inference_params")
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"hidden_states: expected (batch, L, {self.d_model}), got {tuple(hidden_states.shape)}")
         cache = None
@@ -209,7 +240,8 @@ class Mamba(nn.Module):
         return _inner(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                       self.out_proj.weight, self.out_proj.bias, A, None, None, _at_least_fp32(self.D),
                       _at_least_fp32(self.dt_proj.bias), None, None, None, None, None, 1e-6, self.scan,
-                      conv=causal_conv1d if self.scan.cp_group is None else self._conv_with_halo, cache=cache)
+                      conv=causal_conv1d if self.scan.cp_group is None else self._conv_with_halo, cache=cache,
+                      cu_seqlens=cu_seqlens)
 
     # -- decoding ----------------------------------------------------------------------------
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 0, dtype=None, **kwargs):

@@ -32,8 +32,9 @@ class Block(nn.Module):
         self.norm = RMSNorm(d_model, eps=norm_epsilon)
         self.mixer = Mamba(d_model, **mixer_kwargs)
 
-    def forward(self, hidden_states: Tensor, inference_params: Optional[InferenceParams] = None) -> Tensor:
-        return hidden_states + self.mixer(self.norm(hidden_states), inference_params)
+    def forward(self, hidden_states: Tensor, inference_params: Optional[InferenceParams] = None,
+                cu_seqlens: Optional[Tensor] = None) -> Tensor:
+        return hidden_states + self.mixer(self.norm(hidden_states), inference_params, cu_seqlens)
 
 
 class _Backbone(nn.Module):
@@ -94,14 +95,15 @@ class MambaLM(nn.Module):
         self.backbone.embedding.weight.normal_(0.0, 0.02, generator=generator)
 
     def forward(self, input_ids: Tensor, inference_params: Optional[InferenceParams] = None,
-                num_last_tokens: int = 0) -> Tensor:
+                num_last_tokens: int = 0, cu_seqlens: Optional[Tensor] = None) -> Tensor:
         """Logits (batch, L, vocab); only the last num_last_tokens positions when > 0. With
-        inference_params: the prefill, then one token per call (see generate)."""
+        inference_params: the prefill, then one token per call (see generate). cu_seqlens:
+        packed sequences along L with batch 1, each processed as if alone."""
         h = self.backbone.embedding(input_ids)
         if self.embedding_multiplier != 1.0:
             h = h * self.embedding_multiplier
         for layer in self.backbone.layers:
-            h = layer(h, inference_params)
+            h = layer(h, inference_params, cu_seqlens)
         if num_last_tokens > 0:
             h = h[:, -num_last_tokens:]
         h = self.backbone.norm_f(h)

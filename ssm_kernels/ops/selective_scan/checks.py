@@ -74,7 +74,7 @@ def _check_state_matrix(name: str, X, batch: int, dim: int, d_state: int, seqlen
 
 
 def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None,
-                 *, backend: Optional[str] = None):
+                 *, backend: Optional[str] = None, state_rows: Optional[int] = None):
     """Validate the selective-scan arguments.
 
     Returns (B, C, groups): B and C as (dim, N) when fixed or (batch, G, N, L) views when
@@ -115,11 +115,35 @@ def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_sta
             raise TypeError(f"z: dtype {z.dtype} differs from u's {u.dtype}")
     if initial_state is not None:
         _check_tensor("initial_state", initial_state, 3, device)
-        _check_shape("initial_state", initial_state, (batch, dim, d_state))
+        rows = batch if state_rows is None else state_rows  # packed sequences: one state each
+        _check_shape("initial_state", initial_state, (rows, dim, d_state))
     if backend is not None:
         _check_backend_limits(backend, d_state, dict(u=u, A=A, B=B, C=C, D=D, delta_bias=delta_bias,
                                                      initial_state=initial_state))
     return B, C, max(groups_b, groups_c, 1)
+
+
+def check_cu_seqlens(cu_seqlens, u) -> int:
+    """Packed sequences: cu_seqlens (num_seqs + 1,) int32/int64 on u's device, 0 = first <= ... <=
+    last = L, with u of batch 1. Reads the values back (one device sync). Returns num_seqs."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens: expected a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens: expected int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens: expected (num_seqs + 1,) with num_seqs >= 1, got shape {tuple(cu_seqlens.shape)}")
+    if not isinstance(u, torch.Tensor) or u.dim() != 3:
+        raise ValueError("u: expected (1, dim, L) with cu_seqlens")
+    if cu_seqlens.device != u.device:
+        raise ValueError(f"cu_seqlens: on {cu_seqlens.device}, but u is on {u.device}")
+    if u.shape[0] != 1:
+        raise ValueError(f"u: packed sequences (cu_seqlens) take batch 1, got batch {u.shape[0]}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != u.shape[2]:
+        raise ValueError(f"cu_seqlens: must start at 0 and end at L={u.shape[2]}, got {bounds[0]} ... {bounds[-1]}")
+    if any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError("cu_seqlens: must be non-decreasing")
+    return len(bounds) - 1
 
 
 def _check_backend_limits(backend: str, d_state: int, tensors: dict):

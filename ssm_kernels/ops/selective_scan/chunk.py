@@ -291,6 +291,44 @@ def _state_tile(row, n, stride_n, d_state, t, mask, LANES: tl.constexpr, ITEMS: 
     return _load_tile(row + tl.minimum(n, d_state - 1) * stride_n, t, mask, LANES, ITEMS, VEC)
 
 
+@triton.jit
+def _sequence(cu_seqlens_ptr, d, dim, seqlen, SAVED_EVERY: tl.constexpr, VEC: tl.constexpr, VARLEN: tl.constexpr):
+    """What program (d, s) runs: (batch row b, the step its time offsets count from, the first and
+    the end offset of its own steps, its first slot of the saved states in the row, its row of the
+    (batch or sequence, dim, N) states).
+
+    VARLEN: sequence s of the packed batch of one row, steps cu_seqlens[s] ... cu_seqlens[s + 1] - 1.
+    Offsets count from that start rounded down to a multiple of VEC, so that vector loads stay
+    aligned; the up to VEC - 1 steps before the start are masked like steps past the end (dt = 0:
+    the state passes through). Its saved states start at slot cu_seqlens[s] // SAVED_EVERY + s,
+    which never overlaps sequence s - 1's, so the row needs cdiv(L, SAVED_EVERY) + num_seqs slots."""
+    s = tl.program_id(1).to(tl.int64)
+    if VARLEN:
+        start = tl.load(cu_seqlens_ptr + s).to(tl.int64)
+        base = tl.multiple_of(start - start % VEC, VEC)
+        first = start - base
+        end = tl.load(cu_seqlens_ptr + s + 1).to(tl.int64) - base
+        b = s * 0
+        save_base = start // SAVED_EVERY + s
+    else:
+        base = s * 0
+        first = 0
+        end = seqlen
+        b = s
+        save_base = s * 0
+    return b, base, first, end, save_base, s * dim + d
+
+
+@triton.jit
+def _in_sequence(t, first, end, VARLEN: tl.constexpr):
+    """The mask of a program's own steps among the time offsets t."""
+    if VARLEN:
+        m = (t >= first) & (t < end)
+    else:
+        m = t < end
+    return m
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
@@ -306,15 +344,16 @@ def _variable(name):
 @triton.heuristics({
     "HAS_D": _has("D_ptr"), "HAS_Z": _has("z_ptr"), "HAS_DELTA_BIAS": _has("delta_bias_ptr"),
     "HAS_INITIAL_STATE": _has("initial_state_ptr"), "B_VARIABLE": _variable("B_ptr"), "C_VARIABLE": _variable("C_ptr"),
+    "VARLEN": _has("cu_seqlens_ptr"),
 })
 @triton.jit
 def selective_scan_fwd_kernel(
     # inputs
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, initial_state_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, initial_state_ptr, cu_seqlens_ptr,
     # outputs
     out_ptr, last_state_ptr, chunk_states_ptr,
-    # sizes
-    dim, seqlen, d_state, dim_per_group,
+    # sizes (saved_per_row: the chunk_states slots of a row)
+    dim, seqlen, d_state, dim_per_group, saved_per_row,
     # strides: u, delta, z are (batch, dim, L) and variable B, C (batch, G, N, L), each with
     # time contiguous; every other tensor is contiguous
     stride_u_b, stride_u_d, stride_delta_b, stride_delta_d, stride_z_b, stride_z_d,
@@ -325,36 +364,38 @@ def selective_scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr,
     DELTA_SOFTPLUS: tl.constexpr, B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr,
     BLOCK_N: tl.constexpr, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr,
-    SAVE_LANES: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr,
+    SAVE_LANES: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """out, last_state, and the state entering every SAVE_LANES * ITEMS steps (the backward's
-    chunks) in chunk_states (batch, dim, n_saved, N)."""
+    chunks) in chunk_states (batch, dim, saved_per_row, N). VARLEN: program s runs sequence s of
+    the packed batch of one row (see _sequence)."""
     d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    channel = b * dim + d  # row of the contiguous (batch, dim, ...) tensors
+    b, start, first, length, save_base, state = _sequence(cu_seqlens_ptr, d, dim, seqlen, SAVE_LANES * ITEMS, VEC,
+                                                          VARLEN)
+    channel = b * dim + d  # row of the contiguous (batch, dim, L) tensors
     group = d // dim_per_group
     lane = tl.arange(0, LANES)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < d_state
 
-    u_row = u_ptr + b * stride_u_b + d * stride_u_d
-    delta_row = delta_ptr + b * stride_delta_b + d * stride_delta_d
-    B_row = B_ptr + b * stride_B_b + group * stride_B_g  # variable B, C: this (batch, group)
-    C_row = C_ptr + b * stride_C_b + group * stride_C_g
+    u_row = u_ptr + b * stride_u_b + d * stride_u_d + start
+    delta_row = delta_ptr + b * stride_delta_b + d * stride_delta_d + start
+    B_row = B_ptr + b * stride_B_b + group * stride_B_g + start  # variable B, C: this (batch, group)
+    C_row = C_ptr + b * stride_C_b + group * stride_C_g + start
     A, B_fixed, C_fixed, D, bias = _channel_params(A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, d, d_state, offs_n,
                                                    mask_n, HAS_D, HAS_DELTA_BIAS, B_VARIABLE, C_VARIABLE)
-    n_saved = tl.cdiv(seqlen, SAVE_LANES * ITEMS)
-    saved = chunk_states_ptr + channel * n_saved * d_state
+    n_saved = tl.cdiv(length, SAVE_LANES * ITEMS)
+    saved = chunk_states_ptr + (channel * saved_per_row + save_base) * d_state
 
     # The state of every n, carried from chunk to chunk in registers.
     if HAS_INITIAL_STATE:
-        carry = tl.load(initial_state_ptr + channel * d_state + offs_n, mask=mask_n, other=0.0)
+        carry = tl.load(initial_state_ptr + state * d_state + offs_n, mask=mask_n, other=0.0)
     else:
         carry = tl.zeros([BLOCK_N], tl.float32)
 
-    for c in range(0, tl.cdiv(seqlen, LANES * ITEMS)):
+    for c in range(0, tl.cdiv(length, LANES * ITEMS)):
         t = _time_offsets(c * LANES * ITEMS, LANES, ITEMS, VEC)
-        mask = None if EVEN else t < seqlen
+        mask = None if EVEN else _in_sequence(t, first, length, VARLEN)
         u = _load_tile(u_row, t, mask, LANES, ITEMS, VEC)
         delta = _load_tile(delta_row, t, mask, LANES, ITEMS, VEC)
         dt, _ = _discretize(delta, bias, dt_scale, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)
@@ -393,11 +434,11 @@ def selective_scan_fwd_kernel(
         if HAS_D:
             y += D * u
         if HAS_Z:
-            z = _load_tile(z_ptr + b * stride_z_b + d * stride_z_d, t, mask, LANES, ITEMS, VEC)
+            z = _load_tile(z_ptr + b * stride_z_b + d * stride_z_d + start, t, mask, LANES, ITEMS, VEC)
             y *= z * _sigmoid(z, FAST_MATH)
-        _store_tile(out_ptr + channel * seqlen, t, mask, y, LANES, ITEMS, VEC)
+        _store_tile(out_ptr + channel * seqlen + start, t, mask, y, LANES, ITEMS, VEC)
 
-    tl.store(last_state_ptr + channel * d_state + offs_n, carry, mask=mask_n)
+    tl.store(last_state_ptr + state * d_state + offs_n, carry, mask=mask_n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,17 +526,18 @@ def fixed_point_to_float_kernel(sum_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
 @triton.heuristics({
     "HAS_D": _has("D_ptr"), "HAS_Z": _has("z_ptr"), "HAS_DELTA_BIAS": _has("delta_bias_ptr"),
     "HAS_DLAST_STATE": _has("dlast_state_ptr"), "B_VARIABLE": _variable("B_ptr"), "C_VARIABLE": _variable("C_ptr"),
+    "VARLEN": _has("cu_seqlens_ptr"),
 })
 @triton.jit
 def selective_scan_bwd_kernel(
     # inputs
     dout_ptr, dlast_state_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr,
-    chunk_states_ptr,
+    chunk_states_ptr, cu_seqlens_ptr,
     # gradients
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddelta_bias_ptr, dinitial_state_ptr,
     dB_scale_ptr, dC_scale_ptr,  # REDUCE_FIXED: the fixed-point scales from pass 1
     # sizes
-    dim, seqlen, d_state, dim_per_group,
+    dim, seqlen, d_state, dim_per_group, saved_per_row,
     # strides: as in the forward (dout like u); every gradient is contiguous
     stride_dout_b, stride_dout_d, stride_u_b, stride_u_d, stride_delta_b, stride_delta_d, stride_z_b, stride_z_d,
     stride_B_b, stride_B_g, stride_B_n, stride_C_b, stride_C_g, stride_C_n,
@@ -505,15 +547,16 @@ def selective_scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_DLAST_STATE: tl.constexpr,
     DELTA_SOFTPLUS: tl.constexpr, B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr,
     BLOCK_N: tl.constexpr, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr,
-    EVEN: tl.constexpr, FAST_MATH: tl.constexpr, REDUCE: tl.constexpr,
+    EVEN: tl.constexpr, FAST_MATH: tl.constexpr, REDUCE: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Chunks of LANES * ITEMS steps, the forward's saved states' spacing. du, ddelta, dz are
     (batch, dim, L); variable dB, dC (batch, G, N, L), summed over channels as REDUCE says
     (REDUCE_BOUND writes nothing else); dA, dinitial_state and fixed dB, dC (batch, dim, N) and
-    dD, ddelta_bias (batch, dim) are per-batch partials, summed afterwards in a fixed order."""
+    dD, ddelta_bias (batch, dim) are per-batch partials, summed afterwards in a fixed order (per
+    sequence under VARLEN, as the states)."""
     WRITE_GRADS: tl.constexpr = REDUCE != REDUCE_BOUND
     d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b, start, first, length, save_base, state = _sequence(cu_seqlens_ptr, d, dim, seqlen, LANES * ITEMS, VEC, VARLEN)
     channel = b * dim + d
     group = d // dim_per_group
     groups = dim // dim_per_group
@@ -521,20 +564,20 @@ def selective_scan_bwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < d_state
 
-    dout_row = dout_ptr + b * stride_dout_b + d * stride_dout_d
-    u_row = u_ptr + b * stride_u_b + d * stride_u_d
-    delta_row = delta_ptr + b * stride_delta_b + d * stride_delta_d
-    B_row = B_ptr + b * stride_B_b + group * stride_B_g
-    C_row = C_ptr + b * stride_C_b + group * stride_C_g
+    dout_row = dout_ptr + b * stride_dout_b + d * stride_dout_d + start
+    u_row = u_ptr + b * stride_u_b + d * stride_u_d + start
+    delta_row = delta_ptr + b * stride_delta_b + d * stride_delta_d + start
+    B_row = B_ptr + b * stride_B_b + group * stride_B_g + start
+    C_row = C_ptr + b * stride_C_b + group * stride_C_g + start
     A, B_fixed, C_fixed, D, bias = _channel_params(A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, d, d_state, offs_n,
                                                    mask_n, HAS_D, HAS_DELTA_BIAS, B_VARIABLE, C_VARIABLE)
-    dBC_row = (b * groups + group) * d_state * seqlen  # variable dB, dC: (batch, G, N, L)
-    n_chunks = tl.cdiv(seqlen, LANES * ITEMS)
-    saved = chunk_states_ptr + channel * n_chunks * d_state
+    dBC_row = (b * groups + group) * d_state * seqlen + start  # variable dB, dC: (batch, G, N, L)
+    n_chunks = tl.cdiv(length, LANES * ITEMS)
+    saved = chunk_states_ptr + (channel * saved_per_row + save_base) * d_state
 
     # dL/dh of the state leaving the current chunk, from every later step (and from last_state).
     if HAS_DLAST_STATE:
-        dcarry = tl.load(dlast_state_ptr + channel * d_state + offs_n, mask=mask_n, other=0.0)
+        dcarry = tl.load(dlast_state_ptr + state * d_state + offs_n, mask=mask_n, other=0.0)
     else:
         dcarry = tl.zeros([BLOCK_N], tl.float32)
     dA = tl.zeros([BLOCK_N], tl.float32)
@@ -546,7 +589,7 @@ def selective_scan_bwd_kernel(
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
         t = _time_offsets(c * LANES * ITEMS, LANES, ITEMS, VEC)
-        mask = None if EVEN else t < seqlen
+        mask = None if EVEN else _in_sequence(t, first, length, VARLEN)
         h_start = tl.load(saved + c * d_state + offs_n, mask=mask_n, other=0.0)
         u = _load_tile(u_row, t, mask, LANES, ITEMS, VEC)
         delta = _load_tile(delta_row, t, mask, LANES, ITEMS, VEC)
@@ -562,7 +605,7 @@ def selective_scan_bwd_kernel(
         dt_next_lane = dt_lane - dt_first + dt_after
         dy = _load_tile(dout_row, t, mask, LANES, ITEMS, VEC)
         if HAS_Z:  # out = y * silu(z); dz is computed after the state loop, which accumulates y
-            z_row = z_ptr + b * stride_z_b + d * stride_z_d
+            z_row = z_ptr + b * stride_z_b + d * stride_z_d + start
             z = _load_tile(z_row, t, mask, LANES, ITEMS, VEC)
             dy *= z * _sigmoid(z, FAST_MATH)
             y = tl.zeros([ITEMS, LANES], tl.float32)
@@ -636,27 +679,27 @@ def selective_scan_bwd_kernel(
                 z = _load_tile(z_row, t, mask, LANES, ITEMS, VEC)
                 sig = _sigmoid(z, FAST_MATH)
                 dz = _load_tile(dout_row, t, mask, LANES, ITEMS, VEC) * y * sig * (1.0 + z * (1.0 - sig))
-                _store_tile(dz_ptr + channel * seqlen, t, mask, dz, LANES, ITEMS, VEC)
+                _store_tile(dz_ptr + channel * seqlen + start, t, mask, dz, LANES, ITEMS, VEC)
             du = dx * dt * b_scale
             if HAS_D:
                 du += D * dy
                 dD += tl.sum(dy * u, 0)
-            _store_tile(du_ptr + channel * seqlen, t, mask, du, LANES, ITEMS, VEC)
+            _store_tile(du_ptr + channel * seqlen + start, t, mask, du, LANES, ITEMS, VEC)
             dpre = (dx * u * b_scale + ddt_decay) * ddt
-            _store_tile(ddelta_ptr + channel * seqlen, t, mask, dpre * dt_scale, LANES, ITEMS, VEC)
+            _store_tile(ddelta_ptr + channel * seqlen + start, t, mask, dpre * dt_scale, LANES, ITEMS, VEC)
             dbias += tl.sum(dpre, 0)
 
     if WRITE_GRADS:
-        tl.store(dinitial_state_ptr + channel * d_state + offs_n, dcarry, mask=mask_n)
-        tl.store(dA_ptr + channel * d_state + offs_n, dA, mask=mask_n)
+        tl.store(dinitial_state_ptr + state * d_state + offs_n, dcarry, mask=mask_n)
+        tl.store(dA_ptr + state * d_state + offs_n, dA, mask=mask_n)
         if not B_VARIABLE:
-            tl.store(dB_ptr + channel * d_state + offs_n, dB_fixed, mask=mask_n)
+            tl.store(dB_ptr + state * d_state + offs_n, dB_fixed, mask=mask_n)
         if not C_VARIABLE:
-            tl.store(dC_ptr + channel * d_state + offs_n, dC_fixed, mask=mask_n)
+            tl.store(dC_ptr + state * d_state + offs_n, dC_fixed, mask=mask_n)
         if HAS_D:
-            tl.store(dD_ptr + channel, tl.sum(dD, 0))
+            tl.store(dD_ptr + state, tl.sum(dD, 0))
         if HAS_DELTA_BIAS:
-            tl.store(ddelta_bias_ptr + channel, tl.sum(dbias, 0))
+            tl.store(ddelta_bias_ptr + state, tl.sum(dbias, 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -668,7 +711,7 @@ class Geometry:
     interpreter (CPU tensors) runs the same code on small tiles, so that tests of a few dozen
     steps cross several chunks and the forward's chunks differ from the backward's."""
 
-    def __init__(self, seqlen: int, d_state: int, io_dtypes, device: torch.device):
+    def __init__(self, seqlen: int, d_state: int, io_dtypes, device: torch.device, num_seqs: int = 0):
         on_gpu = device.type != "cpu"  # the interpreter runs CPU tensors; "meta" compiles for the GPU
         self.lanes = 32 if on_gpu else 4
         items = triton.next_power_of_2(triton.cdiv(seqlen, self.lanes))
@@ -683,16 +726,18 @@ class Geometry:
         self.vec = min(vec, self.items_bwd)
         self.block_n = triton.next_power_of_2(d_state)
         self.state_chunk = self.lanes * self.items_bwd  # steps between the states the forward saves
-        self.n_saved = triton.cdiv(seqlen, self.state_chunk)
-        self.even_fwd = seqlen % (self.lanes * self.items_fwd) == 0  # no partial chunk: no masks
-        self.even_bwd = seqlen % self.state_chunk == 0
+        # saved-state slots per row; packed sequences (num_seqs > 0) start each at its own slot
+        self.n_saved = triton.cdiv(seqlen, self.state_chunk) + num_seqs
+        self.even_fwd = not num_seqs and seqlen % (self.lanes * self.items_fwd) == 0  # no partial chunk: no masks
+        self.even_bwd = not num_seqs and seqlen % self.state_chunk == 0
         self.fast_math = on_gpu
         self.num_warps = 1  # one warp per program: LANES lanes
 
     @classmethod
-    def of(cls, u, B, C, z=None):
+    def of(cls, u, B, C, z=None, cu_seqlens=None):
         io_dtypes = [u.dtype] + [t.dtype for t in (B, C, z) if t is not None and t.dim() >= 3]
-        return cls(u.shape[2], B.shape[-2] if B.dim() == 4 else B.shape[1], io_dtypes, u.device)
+        return cls(u.shape[2], B.shape[-2] if B.dim() == 4 else B.shape[1], io_dtypes, u.device,
+                   0 if cu_seqlens is None else cu_seqlens.numel() - 1)
 
 
 def _time_contiguous(t):
@@ -721,22 +766,30 @@ def _state_matrix_strides(X):
     return tuple(X.stride()[:3]) if X.dim() == 4 else (0, 0, 0)
 
 
+def _rows(batch: int, cu_seqlens) -> int:
+    """Programs per channel: one per batch row, or one per packed sequence."""
+    return batch if cu_seqlens is None else cu_seqlens.numel() - 1
+
+
 def selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, initial_state, groups: int,
-                              delta_softplus: bool, dt_scale: float, b_scale: float, c_scale: float):
+                              delta_softplus: bool, dt_scale: float, b_scale: float, c_scale: float,
+                              cu_seqlens=None):
     """Forward. B, C as returned by check_inputs. Returns (out, last_state, chunk_states)."""
     batch, dim, seqlen = u.shape
     N = A.shape[1]
     u, delta, z = _time_contiguous(u), _time_contiguous(delta), _time_contiguous(z)
     B, C = _state_matrix(B), _state_matrix(C)
-    geo = Geometry.of(u, B, C, z)
+    geo = Geometry.of(u, B, C, z, cu_seqlens)
+    rows = _rows(batch, cu_seqlens)
     out = new_buffer(batch, dim, seqlen, dtype=u.dtype, device=u.device)
-    last_state = new_buffer(batch, dim, N, dtype=torch.float32, device=u.device)
+    last_state = new_buffer(rows, dim, N, dtype=torch.float32, device=u.device)
     chunk_states = new_buffer(batch, dim, geo.n_saved, N, dtype=torch.float32, device=u.device)
-    selective_scan_fwd_kernel[(dim, batch)](
+    selective_scan_fwd_kernel[(dim, rows)](
         u_ptr=u, delta_ptr=delta, A_ptr=A.contiguous(), B_ptr=B, C_ptr=C, D_ptr=_contiguous(D), z_ptr=z,
         delta_bias_ptr=_contiguous(delta_bias), initial_state_ptr=_contiguous(initial_state),
+        cu_seqlens_ptr=_contiguous(cu_seqlens),
         out_ptr=out, last_state_ptr=last_state, chunk_states_ptr=chunk_states,
-        dim=dim, seqlen=seqlen, d_state=N, dim_per_group=dim // groups,
+        dim=dim, seqlen=seqlen, d_state=N, dim_per_group=dim // groups, saved_per_row=geo.n_saved,
         stride_u_b=u.stride(0), stride_u_d=u.stride(1), stride_delta_b=delta.stride(0),
         stride_delta_d=delta.stride(1), **dict(zip(("stride_z_b", "stride_z_d"), _row_strides(z))),
         **dict(zip(("stride_B_b", "stride_B_g", "stride_B_n"), _state_matrix_strides(B))),
@@ -751,35 +804,36 @@ def selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, initial_state
 
 def selective_scan_bwd_triton(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states,
                               groups: int, delta_softplus: bool, dt_scale: float, b_scale: float,
-                              c_scale: float, deterministic: bool = False):
+                              c_scale: float, deterministic: bool = False, cu_seqlens=None):
     """Backward from the saved chunk states; same returns as selective_scan_bwd_torch."""
     batch, dim, seqlen = u.shape
     N = A.shape[1]
     dout, u, delta, z = (_time_contiguous(t) for t in (dout, u, delta, z))
     B_dtype, C_dtype = B.dtype, C.dtype
     B, C = _state_matrix(B), _state_matrix(C)
-    geo = Geometry.of(u, B, C, z)
+    geo = Geometry.of(u, B, C, z, cu_seqlens)
+    rows = _rows(batch, cu_seqlens)  # the partials and states: per row, or per packed sequence
     f32 = dict(dtype=torch.float32, device=u.device)
     du = new_buffer(batch, dim, seqlen, dtype=u.dtype, device=u.device)
     ddelta = new_buffer(batch, dim, seqlen, dtype=delta.dtype, device=u.device)
     dz = None if z is None else new_buffer(batch, dim, seqlen, dtype=z.dtype, device=u.device)
-    dA = new_buffer(batch, dim, N, **f32)
-    dinitial_state = new_buffer(batch, dim, N, **f32)
-    dD = None if D is None else new_buffer(batch, dim, **f32)
-    ddelta_bias = None if delta_bias is None else new_buffer(batch, dim, **f32)
+    dA = new_buffer(rows, dim, N, **f32)
+    dinitial_state = new_buffer(rows, dim, N, **f32)
+    dD = None if D is None else new_buffer(rows, dim, **f32)
+    ddelta_bias = None if delta_bias is None else new_buffer(rows, dim, **f32)
 
     dpg = dim // groups
     headroom = (dpg - 1).bit_length() + 1  # 2^(headroom - 1) >= the channels summed per element
 
     def launch(reduce, dB_target, dC_target, dB_scale=None, dC_scale=None):
-        selective_scan_bwd_kernel[(dim, batch)](
+        selective_scan_bwd_kernel[(dim, rows)](
             dout_ptr=dout, dlast_state_ptr=_contiguous(dlast_state), u_ptr=u, delta_ptr=delta, A_ptr=A.contiguous(),
             B_ptr=B, C_ptr=C, D_ptr=_contiguous(D), z_ptr=z, delta_bias_ptr=_contiguous(delta_bias),
-            chunk_states_ptr=chunk_states,
+            chunk_states_ptr=chunk_states, cu_seqlens_ptr=_contiguous(cu_seqlens),
             du_ptr=du, ddelta_ptr=ddelta, dz_ptr=dz, dA_ptr=dA, dB_ptr=dB_target, dC_ptr=dC_target, dD_ptr=dD,
             ddelta_bias_ptr=ddelta_bias, dinitial_state_ptr=dinitial_state,
             dB_scale_ptr=dB_scale, dC_scale_ptr=dC_scale,
-            dim=dim, seqlen=seqlen, d_state=N, dim_per_group=dpg,
+            dim=dim, seqlen=seqlen, d_state=N, dim_per_group=dpg, saved_per_row=geo.n_saved,
             stride_dout_b=dout.stride(0), stride_dout_d=dout.stride(1), stride_u_b=u.stride(0),
             stride_u_d=u.stride(1), stride_delta_b=delta.stride(0), stride_delta_d=delta.stride(1),
             **dict(zip(("stride_z_b", "stride_z_d"), _row_strides(z))),
@@ -793,8 +847,8 @@ def selective_scan_bwd_triton(dout, dlast_state, u, delta, A, B, C, D, z, delta_
     def channel_sum_buffer(X, dtype):  # variable dB, dC: (batch, G, N, L), every channel adds to it
         return torch.zeros(batch, groups, N, seqlen, dtype=dtype, device=u.device) if X.dim() == 4 else None
 
-    # fixed dB, dC: per-batch partials (batch, dim, N), summed below
-    dB_fixed, dC_fixed = (new_buffer(batch, dim, N, **f32) if X.dim() == 2 else None for X in (B, C))
+    # fixed dB, dC: per-row partials (rows, dim, N), summed below
+    dB_fixed, dC_fixed = (new_buffer(rows, dim, N, **f32) if X.dim() == 2 else None for X in (B, C))
     if deterministic and (B.dim() == 4 or C.dim() == 4):
         # Two passes with integer reductions. The int64 sums are the only extra memory (8 bytes per
         # element of variable dB and dC); the int32 bounds become the scales, then the results.

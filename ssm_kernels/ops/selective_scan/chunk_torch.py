@@ -102,8 +102,11 @@ class _Layout:
 
 def selective_scan_fwd_torch(u, delta, A, B, C, D, z, delta_bias, initial_state, groups: int,
                              delta_softplus: bool, dt_scale: float, b_scale: float, c_scale: float,
-                             chunk_size: int = CHUNK_SIZE):
+                             chunk_size: int = CHUNK_SIZE, cu_seqlens=None):
     """Forward. B, C as returned by check_inputs. Returns (out, last_state, chunk_states)."""
+    if cu_seqlens is not None:
+        return _packed_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus, dt_scale,
+                           b_scale, c_scale, chunk_size, cu_seqlens)
     acc = compute_dtype(u, A, B, C, initial_state)
     lay = _Layout(u, delta, A, B, C, D, z, delta_bias, groups, acc)
     batch, dim, seqlen, N = lay.batch, lay.dim, lay.seqlen, lay.d_state
@@ -131,13 +134,17 @@ def selective_scan_fwd_torch(u, delta, A, B, C, D, z, delta_bias, initial_state,
 
 def selective_scan_bwd_torch(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states,
                              groups: int, delta_softplus: bool, dt_scale: float, b_scale: float,
-                             c_scale: float, chunk_size: int = CHUNK_SIZE, deterministic: bool = True):
+                             c_scale: float, chunk_size: int = CHUNK_SIZE, deterministic: bool = True,
+                             cu_seqlens=None):
     """Backward from the saved chunk states. Always deterministic: no atomics, fixed-order sums.
 
     Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); dD, dz and
     ddelta_bias are None when D, z or delta_bias is None. dB and dC have the shapes of B and C
     as given here ((dim, N) or (batch, G, N, L)).
     """
+    if cu_seqlens is not None:
+        return _packed_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups,
+                           delta_softplus, dt_scale, b_scale, c_scale, chunk_size, cu_seqlens)
     acc = chunk_states.dtype
     lay = _Layout(u, delta, A, B, C, D, z, delta_bias, groups, acc)
     batch, dim, seqlen, N = lay.batch, lay.dim, lay.seqlen, lay.d_state
@@ -212,3 +219,83 @@ def selective_scan_bwd_torch(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
             None if z is None else dz.view(batch, dim, seqlen),
             None if delta_bias is None else dbias.view(dim).to(delta_bias.dtype),
             dh.reshape(batch, dim, N))
+
+
+# -- packed variable-length sequences (cu_seqlens) ----------------------------------------------
+# Each sequence runs as a batch of one on its slice of the packed (1, dim, L) tensors. Its saved
+# states start at slot start // chunk_size + s of the row, the layout the Triton kernels use (a
+# size that does not depend on the lengths: cdiv(L, chunk_size) + num_seqs slots).
+
+def _sequences(cu_seqlens, chunk_size):
+    bounds = cu_seqlens.tolist()
+    return [(s, a, b, a // chunk_size + s, -(-(b - a) // chunk_size)) for s, (a, b) in
+            enumerate(zip(bounds[:-1], bounds[1:]))]
+
+
+def _slice(t, a, b):
+    """A sequence's part of a packed tensor along time; fixed B/C and per-channel tensors as they are."""
+    return t if t is None or t.dim() < 3 else t[..., a:b]
+
+
+def _packed_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus, dt_scale, b_scale,
+                c_scale, chunk_size, cu_seqlens):
+    acc = compute_dtype(u, A, B, C, initial_state)
+    _, dim, seqlen = u.shape
+    N = A.shape[1]
+    seqs = _sequences(cu_seqlens, chunk_size)
+    out = new_buffer(1, dim, seqlen, dtype=u.dtype, device=u.device)
+    last_state = new_buffer(len(seqs), dim, N, dtype=acc, device=u.device)
+    states = new_buffer(1, dim, -(-seqlen // chunk_size) + len(seqs), N, dtype=acc, device=u.device)
+    for s, a, b, slot, n in seqs:
+        h0 = None if initial_state is None else initial_state[s:s + 1]
+        if a == b:
+            last_state[s] = 0.0 if h0 is None else h0[0]
+            continue
+        out_s, last_s, states_s = selective_scan_fwd_torch(
+            *(_slice(t, a, b) for t in (u, delta)), A, *(_slice(t, a, b) for t in (B, C)), D, _slice(z, a, b),
+            delta_bias, h0, groups, delta_softplus, dt_scale, b_scale, c_scale, chunk_size)
+        out[..., a:b] = out_s
+        last_state[s] = last_s[0]
+        states[:, :, slot:slot + n] = states_s
+    return out, last_state, states
+
+
+def _packed_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups, delta_softplus,
+                dt_scale, b_scale, c_scale, chunk_size, cu_seqlens):
+    seqs = _sequences(cu_seqlens, chunk_size)
+    acc = chunk_states.dtype
+    _, dim, seqlen = u.shape
+    N = A.shape[1]
+    du = new_buffer(1, dim, seqlen, dtype=u.dtype, device=u.device)
+    ddelta = new_buffer(1, dim, seqlen, dtype=delta.dtype, device=u.device)
+    dz = None if z is None else new_buffer(1, dim, seqlen, dtype=z.dtype, device=u.device)
+    dB, dC = (torch.zeros(X.shape, dtype=acc, device=u.device) for X in (B, C))
+    dA = torch.zeros(dim, N, dtype=acc, device=u.device)
+    dD = None if D is None else torch.zeros(dim, dtype=acc, device=u.device)
+    dbias = None if delta_bias is None else torch.zeros(dim, dtype=acc, device=u.device)
+    dh0 = new_buffer(len(seqs), dim, N, dtype=acc, device=u.device)
+    for s, a, b, slot, n in seqs:  # sums in sequence order: deterministic
+        dlast = None if dlast_state is None else dlast_state[s:s + 1]
+        if a == b:  # the state passes through an empty sequence
+            dh0[s] = 0.0 if dlast is None else dlast[0]
+            continue
+        g = selective_scan_bwd_torch(
+            dout[..., a:b], dlast, *(_slice(t, a, b) for t in (u, delta)), A, *(_slice(t, a, b) for t in (B, C)), D,
+            _slice(z, a, b), delta_bias, chunk_states[:, :, slot:slot + n], groups, delta_softplus, dt_scale,
+            b_scale, c_scale, chunk_size)
+        du[..., a:b], ddelta[..., a:b] = g[0], g[1]
+        dA += g[2]
+        for total, part, X in ((dB, g[3], B), (dC, g[4], C)):
+            if X.dim() == 2:
+                total += part
+            else:
+                total[..., a:b] = part
+        if dD is not None:
+            dD += g[5]
+        if dz is not None:
+            dz[..., a:b] = g[6]
+        if dbias is not None:
+            dbias += g[7]
+        dh0[s] = g[8][0]
+    return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), None if D is None else dD.to(D.dtype), dz,
+            None if delta_bias is None else dbias.to(delta_bias.dtype), dh0)

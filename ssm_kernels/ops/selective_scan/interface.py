@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .backends import BACKENDS, resolve_backend
-from .checks import check_inputs, check_multiplier
+from .checks import check_cu_seqlens, check_inputs, check_multiplier
 from .naive import selective_scan_ref
 
 DETERMINISTIC_ENV = "SSM_KERNELS_DETERMINISTIC"
@@ -29,21 +29,27 @@ def deterministic_mode() -> bool:
 def selective_scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                           z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
                           groups: int, delta_softplus: bool, dt_scale: float, b_scale: float, c_scale: float,
-                          backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns (out, last_state, chunk_states); chunk_states[:, :, c] is the state entering chunk c."""
+                          backend: str, cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (out, last_state, chunk_states); chunk_states[:, :, c] is the state entering chunk c
+    (with cu_seqlens, sequence s's first chunk is at c = cu_seqlens[s] // chunk + s)."""
     return BACKENDS[backend].forward(u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus,
-                                     dt_scale, b_scale, c_scale)
+                                     dt_scale, b_scale, c_scale, cu_seqlens=cu_seqlens)
+
+
+def _rows(u, cu_seqlens) -> int:
+    """Rows of the states: the batch, or the number of packed sequences."""
+    return u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
 @selective_scan_fwd_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus, dt_scale, b_scale, c_scale,
-      backend):
+      backend, cu_seqlens=None):
     batch, dim, seqlen = u.shape
     N = A.shape[1]
     entry = BACKENDS[backend]
     acc = entry.state_dtype(u, A, B, C, initial_state)
-    n_chunks = -(-seqlen // entry.chunk_size(seqlen, u.device))
-    return (u.new_empty(u.shape), u.new_empty(batch, dim, N, dtype=acc),
+    n_chunks = -(-seqlen // entry.chunk_size(seqlen, u.device)) + (0 if cu_seqlens is None else _rows(u, cu_seqlens))
+    return (u.new_empty(u.shape), u.new_empty(_rows(u, cu_seqlens), dim, N, dtype=acc),
             u.new_empty(batch, dim, n_chunks, N, dtype=acc))
 
 
@@ -52,45 +58,46 @@ def selective_scan_bwd_op(dout: Tensor, dlast_state: Optional[Tensor], u: Tensor
                           B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
                           delta_bias: Optional[Tensor], chunk_states: Tensor, groups: int, delta_softplus: bool,
                           dt_scale: float, b_scale: float, c_scale: float, backend: str,
-                          deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                        Tensor, Tensor]:
+                          deterministic: bool, cu_seqlens: Optional[Tensor] = None
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); the gradient of an
     absent optional input is an empty tensor (custom ops cannot return None)."""
     grads = BACKENDS[backend].backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups,
-                                       delta_softplus, dt_scale, b_scale, c_scale, deterministic=deterministic)
+                                       delta_softplus, dt_scale, b_scale, c_scale, deterministic=deterministic,
+                                       cu_seqlens=cu_seqlens)
     return tuple(u.new_empty(0) if g is None else g for g in grads)
 
 
 @selective_scan_bwd_op.register_fake
 def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups, delta_softplus, dt_scale,
-      b_scale, c_scale, backend, deterministic):
-    batch, dim, _ = u.shape
+      b_scale, c_scale, backend, deterministic, cu_seqlens=None):
+    dim = u.shape[1]
 
     def like(t):
         return u.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
     return (like(u), like(delta), like(A), like(B), like(C), like(D), like(z), like(delta_bias),
-            u.new_empty(batch, dim, A.shape[1], dtype=chunk_states.dtype))
+            u.new_empty(_rows(u, cu_seqlens), dim, A.shape[1], dtype=chunk_states.dtype))
 
 
 def _setup_context(ctx, inputs, output):
     (u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus, dt_scale, b_scale, c_scale,
-     backend) = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+     backend, cu_seqlens) = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2], cu_seqlens)
     ctx.config = (groups, delta_softplus, dt_scale, b_scale, c_scale, backend)
     ctx.has_initial_state = initial_state is not None
     ctx.deterministic = deterministic_mode()
 
 
 def _backward(ctx, dout, dlast_state, _dchunk_states):
-    u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, chunk_states, cu_seqlens = ctx.saved_tensors
     groups, delta_softplus, dt_scale, b_scale, c_scale, backend = ctx.config
     du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = selective_scan_bwd_op(
         dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups, delta_softplus,
-        dt_scale, b_scale, c_scale, backend, ctx.deterministic)
+        dt_scale, b_scale, c_scale, backend, ctx.deterministic, cu_seqlens)
     return (du, ddelta, dA, dB, dC,
             None if D is None else dD, None if z is None else dz, None if delta_bias is None else dbias,
             dh0 if ctx.has_initial_state else None,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("ssm_kernels::selective_scan_fwd", _backward, setup_context=_setup_context)
@@ -98,7 +105,7 @@ torch.library.register_autograd("ssm_kernels::selective_scan_fwd", _backward, se
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False, *, dt_scale=1.0, b_scale=1.0, c_scale=1.0,
-                      initial_state=None, backend=None):
+                      initial_state=None, backend=None, cu_seqlens=None):
     """Selective scan (Mamba-1 / S6), a drop-in replacement for mamba_ssm's `selective_scan_fn`.
 
     For batch b, channel d, state n and step t:
@@ -120,18 +127,54 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         initial_state: (batch, dim, N), optional; gradients flow into it.
         backend: "triton", "torch" or "ref"; default $SSM_KERNELS_BACKEND, else "triton" for CUDA
             tensors and "torch" otherwise.
+        cu_seqlens: packed variable-length sequences (flash-linear-attention's convention): u, delta,
+            z and variable B/C hold num_seqs sequences one after another along L with batch 1;
+            cu_seqlens (num_seqs + 1,) int32/int64 gives their boundaries (0, ..., L, non-decreasing;
+            empty sequences allowed). The state restarts at each sequence; initial_state and
+            last_state are then (num_seqs, dim, N), one per sequence.
 
     Returns:
         out (batch, dim, L) in u's dtype, or (out, last_state) when return_last_state.
         Gradients flow back through last_state too.
     """
     backend = resolve_backend(backend, u)
+    num_seqs = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, u)
     if BACKENDS[backend].forward is None:  # "ref": the sequential loop, differentiated by autograd
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                  dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale, initial_state=initial_state)
-    B, C, groups = check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, backend=backend)
+        kwargs = dict(dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale)
+        if cu_seqlens is None:
+            return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                      initial_state=initial_state, **kwargs)
+        return _packed_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state,
+                           cu_seqlens, num_seqs, kwargs)
+    B, C, groups = check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, backend=backend,
+                                state_rows=num_seqs)
     scales = [check_multiplier(name, value) for name, value in
               (("dt_scale", dt_scale), ("b_scale", b_scale), ("c_scale", c_scale))]
     out, last_state, _ = selective_scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state, groups,
-                                               bool(delta_softplus), *scales, backend)
+                                               bool(delta_softplus), *scales, backend, cu_seqlens)
+    return (out, last_state) if return_last_state else out
+
+
+def _packed_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, cu_seqlens,
+                num_seqs, kwargs):
+    """The reference on packed sequences: one sequential scan per sequence."""
+    check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, state_rows=num_seqs)
+    bounds = cu_seqlens.tolist()
+    outs, lasts = [], []
+    for s in range(num_seqs):
+        a, b = bounds[s], bounds[s + 1]
+        h0 = None if initial_state is None else initial_state[s:s + 1]
+        if a == b:
+            lasts.append(h0 if h0 is not None else u.new_zeros(1, u.shape[1], A.shape[1],
+                                                               dtype=torch.promote_types(u.dtype, torch.float32)))
+            continue
+
+        def cut(t):
+            return t if t is None or t.dim() < 3 else t[..., a:b]
+        out_s, last_s = selective_scan_ref(cut(u), cut(delta), A, cut(B), cut(C), D, cut(z), delta_bias,
+                                           delta_softplus, True, initial_state=h0, **kwargs)
+        outs.append(out_s)
+        lasts.append(last_s)
+    out = torch.cat(outs, dim=-1) if outs else u.new_empty(u.shape)
+    last_state = torch.cat(lasts, dim=0)
     return (out, last_state) if return_last_state else out
