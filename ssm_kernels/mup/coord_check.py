@@ -41,9 +41,9 @@ class Recorder:
 
     def _hook(self, name):
         def hook(module, args, output):
-            u, delta, A, B, C, D, z, delta_bias = args
+            u, delta, A, B, C, D, z, delta_bias, *rest = args  # rest: cu_seqlens, when passed
             with torch.no_grad():
-                y, _ = module.forward(u, delta, A, B, C, None, None, delta_bias)  # not __call__: no hook
+                y, _ = module.forward(u, delta, A, B, C, None, None, delta_bias, *rest)  # not __call__: no hook
             self.outputs[name] = (y.detach().double(), output[1].detach().double().clone())
         return hook
 
