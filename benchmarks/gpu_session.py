@@ -36,7 +36,7 @@ STEPS = ("environment", "tests", "floors", "mamba_ssm", "benchmarks", "report")
 STATIC_MODEL = os.path.join(HERE, "static_model.json")
 
 # The benchmark grid: the defaults of benchmarks/conftest.py on CUDA; tiny on the CPU.
-DRY_BENCH = ["--bench-widths", "4 8", "--bench-seqlen", "8", "--bench-batch", "1", "--bench-d-state", "2",
+DRY_BENCH = ["--bench-widths", "4", "--bench-seqlen", "8", "--bench-batch", "1", "--bench-d-state", "2",
              "--bench-dtype", "fp32", "--bench-rounds", "1", "--bench-warmup", "0", "--bench-multipliers", "fused"]
 DRY_TESTS = ["tests/test_hostile_inputs.py", "-k", "zero_state"]
 # mamba_ssm's selective-scan extension: its binding and kernels, for one architecture.
@@ -156,11 +156,14 @@ class Session:
         with open(STATIC_MODEL) as f:
             model = json.load(f)
         rows = measured_beside_model(benchmarks, model)
+        others = packing_and_decode(benchmarks)
         with open(os.path.join(self.out, "gpu_session.md"), "w") as f:
-            f.write(markdown(rows, self.results["steps"].get("environment", {})) + "\n")
+            f.write(markdown(rows, self.results["steps"].get("environment", {})) + "\n\n"
+                    + others_markdown(others) + "\n")
         plot(rows, os.path.join(self.out, "gpu_session.png"))
-        self.results["rows"] = rows
-        return dict(rows=len(rows), with_prediction=sum(r["model_lower_bound_ms"] is not None for r in rows))
+        self.results["rows"], self.results["packing_and_decode"] = rows, others
+        return dict(rows=len(rows), with_prediction=sum(r["model_lower_bound_ms"] is not None for r in rows),
+                    packing_and_decode=len(others))
 
     def _env(self):
         if not self.extra_path:
@@ -185,9 +188,12 @@ def _prediction(model, info, backend):
 
 
 def measured_beside_model(benchmarks, model):
+    """The scan benchmarks (test_scan_throughput.py), each beside the model's prediction."""
     rows = []
     for b in benchmarks:
         info = b["extra_info"]
+        if "mode" not in info:  # packing and decode: see packing_and_decode
+            continue
         lower, latency = _prediction(model, info, info["backend"])
         measured = info["median_ms"]
         rows.append(dict(backend=info["backend"], multipliers=info["multipliers"], mode=info["mode"],
@@ -196,6 +202,27 @@ def measured_beside_model(benchmarks, model):
                          model_lower_bound_ms=lower, model_latency_aware_ms=latency,
                          measured_over_latency_aware=None if latency is None else measured / latency))
     return rows
+
+
+def packing_and_decode(benchmarks):
+    """The rows of test_packing_and_decode.py: packed / padded tokens per second and decode tokens/s."""
+    rows = []
+    for b in benchmarks:
+        info = b["extra_info"]
+        if "layout" in info or "tokens_per_s" in info:
+            rows.append(dict(name=b["name"], backend=info["backend"], median_ms=info.get("median_ms"),
+                             layout=info.get("layout"), d_inner=info.get("d_inner"), d_model=info.get("d_model"),
+                             real_tokens_per_s=info.get("real_tokens_per_s"), tokens_per_s=info.get("tokens_per_s")))
+    return rows
+
+
+def others_markdown(rows):
+    lines = ["| benchmark | median ms | real tokens/s (packing) | tokens/s (decode) |", "|---|---|---|---|"]
+    for r in rows:
+        def num(x):
+            return "—" if x is None else f"{x:,.1f}"
+        lines.append(f"| {r['name']} | {num(r['median_ms'])} | {num(r['real_tokens_per_s'])} | {num(r['tokens_per_s'])} |")
+    return "\n".join(lines)
 
 
 def markdown(rows, environment):

@@ -27,7 +27,9 @@ def test_dry_run_runs_every_step_and_writes_the_results(tmp_path):
     assert {("triton", m) for m in ("fwd", "bwd", "fwdbwd")} <= backends
     assert all(r["measured_ms"] > 0 for r in session["rows"])
     assert (tmp_path / "gpu_session.png").stat().st_size > 0
-    assert "| triton | fused | fwd |" in (tmp_path / "gpu_session.md").read_text()
+    report = (tmp_path / "gpu_session.md").read_text()
+    assert "| triton | fused | fwd |" in report
+    assert "test_packing[packed-triton]" in report and "test_decode[decode-triton-d4]" in report
 
 
 def _bench_row(backend, mode, d_inner, median_ms=1.0):
