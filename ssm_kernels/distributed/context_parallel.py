@@ -20,7 +20,7 @@ halo is handled instead of deadlocking; gloo (CPU) and NCCL both implement these
 This file is at the ops layer: it builds on selective_scan_fn and knows no module.
 """
 
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ from torch import Tensor
 from ..ops.selective_scan import selective_scan_fn
 from ..ops.selective_scan.backends import BACKENDS, resolve_backend
 from ..ops.selective_scan.checks import check_multiplier
+from ..ops.selective_scan.naive import discretize_dt
 
 
 class _AllGather(torch.autograd.Function):
@@ -113,17 +114,6 @@ def previous_inputs(x: Tensor, width: int, group=None) -> Tensor:
     return _tied(F.pad(before, (width - before.shape[-1], 0)), tails)
 
 
-def _total_dt(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool, dt_scale: float,
-              dtype: torch.dtype) -> Tensor:
-    """sum_t dt_t over the shard, (batch, dim), with the kernels' dt (softplus threshold 20)."""
-    dt = delta.to(dtype) * dt_scale
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(dtype)[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
-    return dt.sum(-1)
-
-
 def selective_scan_cp(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False, *, dt_scale=1.0, b_scale=1.0, c_scale=1.0, initial_state=None,
                       group=None, backend=None):
@@ -169,7 +159,8 @@ def selective_scan_cp(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         _, final = scan(None, None, None, True)  # only its final state is needed
     # exp(A * sum dt), from the inputs even for an empty shard (then 1), so that autograd reaches the
     # collective below from every rank's parameters; a growing shard stops at the largest float
-    total_dt = _total_dt(delta, delta_bias, delta_softplus, scales["dt_scale"], state_dtype)
+    total_dt = discretize_dt(delta.to(state_dtype), None if delta_bias is None else delta_bias.to(state_dtype),
+                             delta_softplus, scales["dt_scale"]).sum(-1)  # (batch, dim)
     decay = torch.exp(A.to(state_dtype) * total_dt[..., None]).clamp(max=torch.finfo(state_dtype).max)
     summary = torch.stack([decay, final.to(state_dtype)])
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)

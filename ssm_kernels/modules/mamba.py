@@ -104,7 +104,7 @@ def _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out
            B, C, D, delta_bias, B_proj_bias, C_proj_bias, b_rms_weight, c_rms_weight, dt_rms_weight, eps, scan,
            conv=causal_conv1d, cache=None, cu_seqlens=None):
     """The shared body of mamba_inner_fn and Mamba.forward; scan(u, delta, A, B, C, D, z, delta_bias,
-    cu_seqlens), conv(x, weight, bias, activation). cache: a (conv_state, ssm_state) pair that the
+    cu_seqlens), conv(x, weight, bias, activation, cu_seqlens=). cache: a (conv_state, ssm_state) pair that the
     prefill fills with the last d_conv conv inputs and the scan's last state. cu_seqlens: packed
     sequences (batch 1) for the conv and the scan."""
     if xz.dim() != 3 or xz.shape[1] % 2:
@@ -116,8 +116,7 @@ def _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out
     if cache is not None:
         width = cache[0].shape[-1]
         cache[0].copy_(F.pad(x, (max(0, width - seqlen), 0))[..., -width:])
-    x = conv(x, conv1d_weight, conv1d_bias, "silu") if cu_seqlens is None else \
-        causal_conv1d(x, conv1d_weight, conv1d_bias, "silu", cu_seqlens=cu_seqlens)
+    x = conv(x, conv1d_weight, conv1d_bias, "silu", cu_seqlens=cu_seqlens)
     x_dbl = F.linear(x.transpose(1, 2).reshape(batch * seqlen, -1), x_proj_weight)  # (b*l, r + 2N)
     dt = _rms(x_dbl[:, :dt_rank], dt_rms_weight, eps)
     delta = (delta_proj_weight @ dt.t()).reshape(-1, batch, seqlen).transpose(0, 1)  # (b, d, l), d-major view
@@ -288,8 +287,9 @@ class Mamba(nn.Module):
                                    dt_scale=s.dt_scale, b_scale=s.b_scale, c_scale=s.c_scale, backend=s.backend)
         return F.linear(y, self.out_proj.weight, self.out_proj.bias).unsqueeze(1), conv_state, ssm_state
 
-    def _conv_with_halo(self, x, weight, bias, activation):
-        """The causal conv of this rank's shard, led by the d_conv - 1 inputs before it."""
+    def _conv_with_halo(self, x, weight, bias, activation, cu_seqlens=None):
+        """The causal conv of this rank's shard, led by the d_conv - 1 inputs before it. Packed
+        sequences are refused under context parallelism (by the scan, SelectiveScan)."""
         halo = previous_inputs(x, self.d_conv - 1, group=self.scan.cp_group)
         return causal_conv1d(torch.cat([halo, x], dim=-1), weight, bias, activation)[..., halo.shape[-1]:]
 

@@ -123,6 +123,12 @@ def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_sta
     return B, C, max(groups_b, groups_c, 1)
 
 
+def state_rows(batch: int, cu_seqlens) -> int:
+    """Rows of the initial and last states (and of the per-row partials): the batch, or the number
+    of packed sequences."""
+    return batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
 def check_cu_seqlens(cu_seqlens, u) -> int:
     """Packed sequences: cu_seqlens (num_seqs + 1,) int32/int64 on u's device, 0 = first <= ... <=
     last = L, with u of batch 1. Reads the values back (one device sync). Returns num_seqs."""

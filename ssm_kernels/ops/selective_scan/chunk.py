@@ -34,6 +34,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..utils import new_buffer
+from .checks import state_rows
 
 LOG2E = tl.constexpr(1.4426950408889634)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -766,11 +767,6 @@ def _state_matrix_strides(X):
     return tuple(X.stride()[:3]) if X.dim() == 4 else (0, 0, 0)
 
 
-def _rows(batch: int, cu_seqlens) -> int:
-    """Programs per channel: one per batch row, or one per packed sequence."""
-    return batch if cu_seqlens is None else cu_seqlens.numel() - 1
-
-
 def selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, initial_state, groups: int,
                               delta_softplus: bool, dt_scale: float, b_scale: float, c_scale: float,
                               cu_seqlens=None):
@@ -780,7 +776,7 @@ def selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, initial_state
     u, delta, z = _time_contiguous(u), _time_contiguous(delta), _time_contiguous(z)
     B, C = _state_matrix(B), _state_matrix(C)
     geo = Geometry.of(u, B, C, z, cu_seqlens)
-    rows = _rows(batch, cu_seqlens)
+    rows = state_rows(batch, cu_seqlens)  # programs per channel: a batch row or a packed sequence each
     out = new_buffer(batch, dim, seqlen, dtype=u.dtype, device=u.device)
     last_state = new_buffer(rows, dim, N, dtype=torch.float32, device=u.device)
     chunk_states = new_buffer(batch, dim, geo.n_saved, N, dtype=torch.float32, device=u.device)
@@ -812,7 +808,7 @@ def selective_scan_bwd_triton(dout, dlast_state, u, delta, A, B, C, D, z, delta_
     B_dtype, C_dtype = B.dtype, C.dtype
     B, C = _state_matrix(B), _state_matrix(C)
     geo = Geometry.of(u, B, C, z, cu_seqlens)
-    rows = _rows(batch, cu_seqlens)  # the partials and states: per row, or per packed sequence
+    rows = state_rows(batch, cu_seqlens)  # the partials and states: per row, or per packed sequence
     f32 = dict(dtype=torch.float32, device=u.device)
     du = new_buffer(batch, dim, seqlen, dtype=u.dtype, device=u.device)
     ddelta = new_buffer(batch, dim, seqlen, dtype=delta.dtype, device=u.device)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .backends import BACKENDS, resolve_backend
-from .checks import check_cu_seqlens, check_inputs, check_multiplier
+from .checks import check_cu_seqlens, check_inputs, check_multiplier, state_rows
 from .naive import selective_scan_ref
 
 DETERMINISTIC_ENV = "SSM_KERNELS_DETERMINISTIC"
@@ -36,11 +36,6 @@ def selective_scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
                                      dt_scale, b_scale, c_scale, cu_seqlens=cu_seqlens)
 
 
-def _rows(u, cu_seqlens) -> int:
-    """Rows of the states: the batch, or the number of packed sequences."""
-    return u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-
-
 @selective_scan_fwd_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus, dt_scale, b_scale, c_scale,
       backend, cu_seqlens=None):
@@ -48,8 +43,9 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus
     N = A.shape[1]
     entry = BACKENDS[backend]
     acc = entry.state_dtype(u, A, B, C, initial_state)
-    n_chunks = -(-seqlen // entry.chunk_size(seqlen, u.device)) + (0 if cu_seqlens is None else _rows(u, cu_seqlens))
-    return (u.new_empty(u.shape), u.new_empty(_rows(u, cu_seqlens), dim, N, dtype=acc),
+    n_chunks = -(-seqlen // entry.chunk_size(seqlen, u.device)) + (0 if cu_seqlens is None else
+                                                                    state_rows(batch, cu_seqlens))
+    return (u.new_empty(u.shape), u.new_empty(state_rows(batch, cu_seqlens), dim, N, dtype=acc),
             u.new_empty(batch, dim, n_chunks, N, dtype=acc))
 
 
@@ -76,7 +72,7 @@ def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, grou
     def like(t):
         return u.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
     return (like(u), like(delta), like(A), like(B), like(C), like(D), like(z), like(delta_bias),
-            u.new_empty(_rows(u, cu_seqlens), dim, A.shape[1], dtype=chunk_states.dtype))
+            u.new_empty(state_rows(u.shape[0], cu_seqlens), dim, A.shape[1], dtype=chunk_states.dtype))
 
 
 def _setup_context(ctx, inputs, output):

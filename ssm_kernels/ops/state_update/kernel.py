@@ -5,7 +5,7 @@ the decay use the scan kernels' helpers (chunk.py), so a decode step and a scan 
 import triton
 import triton.language as tl
 
-from ..selective_scan.chunk import _discretize, _has, _log2_decay_rate, _sigmoid
+from ..selective_scan.chunk import _contiguous, _discretize, _has, _log2_decay_rate, _sigmoid
 
 
 @triton.heuristics({
@@ -50,10 +50,6 @@ def state_update_kernel(
         zv = tl.load(z_ptr + b * stride_z_b + d * stride_z_d, mask=mask_d, other=0.0).to(tl.float32)
         y *= zv * _sigmoid(zv, FAST_MATH)
     tl.store(out_ptr + b * stride_out_b + d * stride_out_d, y.to(out_ptr.dtype.element_ty), mask=mask_d)
-
-
-def _contiguous(t):
-    return None if t is None else t.contiguous()
 
 
 def state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_scale, b_scale, c_scale, indices,

@@ -4,19 +4,16 @@ Same arithmetic as one step of selective_scan_fn (dt_scale before the bias and t
 b_scale on B, c_scale on C), so decoding token by token continues a prefill exactly.
 """
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..selective_scan.backends import BACKEND_ENV, _triton_unavailable
+from ..selective_scan.backends import resolve_backend
 from ..selective_scan.checks import ALL_DTYPES, IO_DTYPES, check_multiplier
+from ..selective_scan.naive import discretize_dt
 from ..utils import new_buffer
-
-BACKENDS = ("triton", "torch")
-
 
 def _check(name: str, t, shape: tuple, device, dtypes=ALL_DTYPES):
     if not isinstance(t, Tensor):
@@ -62,18 +59,9 @@ def _check_indices(indices, batch: int, cache_rows: int, device) -> Optional[Ten
 
 
 def _resolve_backend(backend: Optional[str], x: Tensor) -> str:
-    source = "backend"
-    if backend is None and os.environ.get(BACKEND_ENV):
-        backend, source = os.environ[BACKEND_ENV], BACKEND_ENV
-    if backend is None:
-        backend = "triton" if x.device.type == "cuda" else "torch"
-    backend = {"ref": "torch"}.get(backend, backend)  # one step has no separate reference
-    if backend not in BACKENDS:
-        raise ValueError(f"{source}: unknown backend {backend!r}; expected one of {BACKENDS}")
-    reason = _triton_unavailable(x.device) if backend == "triton" else None
-    if reason is not None:
-        raise ValueError(f"{source}: the 'triton' backend {reason}")
-    return backend
+    """The scan's backend choice; "ref" runs the torch path (one step has no separate reference)."""
+    name = resolve_backend(backend, x)
+    return "torch" if name == "ref" else name
 
 
 def _state_update_torch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_scale, b_scale, c_scale, indices,
@@ -82,11 +70,8 @@ def _state_update_torch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_sc
     batch, dim = x.shape
     indices = None if indices is None else indices.long()
     rows = state if indices is None else state.index_select(0, indices)
-    dt = dt.to(acc) * dt_scale
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(acc)
-    if dt_softplus:
-        dt = F.softplus(dt)  # threshold 20, as the kernels
+    dt = discretize_dt(dt.to(acc)[..., None], None if dt_bias is None else dt_bias.to(acc), dt_softplus,
+                       dt_scale)[..., 0]  # one step of the scan's dt
 
     def per_channel(X):  # (batch, G, N) -> (batch, dim, N)
         return X.to(acc).repeat_interleave(dim // X.shape[1], dim=1)
