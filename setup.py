@@ -1,4 +1,44 @@
+import os
+
 from setuptools import find_packages, setup
+
+BUILD_EXT_ENV = "SSM_KERNELS_BUILD_EXT"
+
+
+def extension_modules():
+    """csrc/ as the torch extension ssm_kernels._C (the CPU kernels), only when
+    $SSM_KERNELS_BUILD_EXT=1: a plain `pip install` compiles nothing."""
+    if os.environ.get(BUILD_EXT_ENV, "0") in ("", "0"):
+        return [], {}
+    try:
+        from torch.utils import cpp_extension
+    except ImportError as e:
+        raise SystemExit(f"{BUILD_EXT_ENV}=1: building csrc/ needs torch importable at build time; install torch "
+                         f"first and build with `pip install -e . --no-build-isolation` ({e})")
+    import shutil
+    import subprocess
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise SystemExit(f"{BUILD_EXT_ENV}=1: no C++ compiler found ({compiler!r} is not on PATH); install g++ "
+                         "(or set CXX), or build without the extension")
+    try:
+        subprocess.run([compiler, "--version"], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"{BUILD_EXT_ENV}=1: the C++ compiler {compiler!r} does not run: {e}")
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = ["csrc/extension.cpp"] + [f"csrc/cpu/scan_cpu_{isa}.cpp" for isa in ("generic", "avx2", "avx512")]
+    # -fno-trapping-math lets the vectorizer turn the exp's range checks into blends (results and
+    # inf/NaN handling unchanged); -ffp-contract=fast gives FMAs (ISO C++ mode turns them off).
+    # -fopenmp: at::parallel_for runs its loop through OpenMP pragmas in torch's headers, serially without it.
+    cxx = ["-O3", "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp"]
+    # The CUDA kernels of csrc/cuda/ are not part of the build yet (compile-only for the static
+    # model: tests/compile_for_gpu.py --cuda); see csrc/README.md.
+    ext = cpp_extension.CppExtension("ssm_kernels._C", sources, include_dirs=[os.path.join(here, "csrc")],
+                                     extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = extension_modules()
 
 setup(
     name="ssm_kernels",
@@ -8,15 +48,19 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ssm_kernels", "ssm_kernels.*"]),
     python_requires=">=3.9",
-    # Pure Python + Triton: no compiler step. torch is not pinned here (CPU and CUDA builds
-    # differ per machine); triton >= 3.2 for tl.flip along any dim, kernels avoid newer features;
-    # numpy because Triton's interpreter (the kernels on the CPU) needs it and triton does not
-    # declare it; tqdm for the progress bars of long runs (profile, coord-check).
+    # Pure Python + Triton unless $SSM_KERNELS_BUILD_EXT=1 (csrc/, see extension_modules): torch is
+    # not pinned here (CPU and CUDA builds differ per machine); triton >= 3.2 for tl.flip along any
+    # dim, kernels avoid newer features; numpy because Triton's interpreter (the kernels on the CPU)
+    # needs it and triton does not declare it; tqdm for the progress bars of long runs.
     install_requires=["torch>=2.4", "triton>=3.2", "numpy", "tqdm"],
     extras_require={
         # matplotlib draws `python -m ssm_kernels.bench plot`; the tests draw one.
         "plot": ["matplotlib>=3.5"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5"],
+        # setuptools >= 70.1 builds csrc/ editable without the wheel package (README's test command
+        # builds it with --no-build-isolation, so the venv's own setuptools is the one that runs)
+        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5", "setuptools>=70.1"],
         "conv": ["causal-conv1d>=1.4"],
     },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

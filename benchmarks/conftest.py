@@ -24,7 +24,7 @@ OPTIONS = {  # name: help
     "batch": "batch size",
     "d_state": "state size N",
     "dtype": "fp32, fp16 or bf16",
-    "backends": "subset of triton, torch, mamba_ssm (default: those available here)",
+    "backends": "subset of triton, torch, cpp, mamba_ssm (default: those available here)",
     "modes": f"subset of {' '.join(MODES)}",
     "multipliers": f"subset of {' '.join(MULTIPLIER_MODES)}",
     "rounds": "timed rounds per benchmark",

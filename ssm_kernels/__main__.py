@@ -36,8 +36,9 @@ def _add_profile_arguments(parser):
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default bf16 on CUDA, fp32 on the CPU")
     parser.add_argument("--backward", action="store_true", help="profile forward+backward (default: forward)")
     parser.add_argument("--trace", metavar="PATH", help="write a Chrome trace of the profiled step")
-    parser.add_argument("--backend", choices=["triton", "torch", "mamba_ssm"],
-                        help="default triton on CUDA, torch on the CPU (triton there needs TRITON_INTERPRET=1)")
+    parser.add_argument("--backend", choices=CHUNKED_BACKENDS + ("mamba_ssm",),
+                        help="default triton on CUDA; on the CPU cpp when built, else torch (triton there needs "
+                        "TRITON_INTERPRET=1)")
     parser.add_argument("--multipliers", choices=["fused", "separate", "none"], default="fused")
     parser.add_argument("--device", help="default cuda when available, else cpu")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")

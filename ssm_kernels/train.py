@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .distributed import shard_for_next_token
 from .modules import MambaLM
 from .mup import Parameterization, keep_lr_scale
+from .ops.selective_scan.backends import CHUNKED_BACKENDS
 
 CORPUS_MODULES = ("argparse", "inspect", "typing", "dataclasses", "functools", "pathlib")
 
@@ -49,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--base-d-model", type=int, default=32, help="the width the lr was tuned at")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--backend", choices=["triton", "torch"], help="default triton on CUDA, torch on the CPU")
+    parser.add_argument("--backend", choices=CHUNKED_BACKENDS,
+                        help="default triton on CUDA; on the CPU cpp when built, else torch")
     parser.add_argument("--seed", type=int, default=0)
 
 

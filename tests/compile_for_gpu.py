@@ -7,10 +7,11 @@ its runtime specialization (integers equal to 1 become constants; integers and p
 divisible by 16 are marked so), compiles for the target and launches nothing.
 
     python tests/compile_for_gpu.py --out DIR [--batch 4 --dim 2048 --seqlen 2048 --d-state 16
-        --dtype bf16] [--fixed-bc] [--deterministic] [--packed | --state-update] [--arch 90]
+        --dtype bf16] [--fixed-bc] [--deterministic] [--packed | --state-update | --cuda] [--arch 90]
 
 --packed: the same tokens as `batch` sequences of `seqlen` packed into one row (cu_seqlens);
---state-update: the decoding kernel (selective_state_update) for a batch of one step each.
+--state-update: the decoding kernel (selective_state_update) for a batch of one step each;
+--cuda: the compiled extension's CUDA kernels (csrc/cuda/) instead, compiled with nvcc.
 
 writes, for every kernel the forward and backward launch, DIR/<name>.cubin and DIR/<name>.json
 (kernel, kind, ctas, num_warps, shared_bytes, res_usage, loop_trips, es_total, hbm_bytes,
@@ -21,6 +22,7 @@ each kernel's registers and spills.
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -221,6 +223,55 @@ def _write(out_dir, compiled, cfg, n_saved):
     return records
 
 
+CUDA_TYPES = {"bf16": "__nv_bfloat16", "fp16": "__half", "fp32": "float"}
+CUDA_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "csrc", "cuda", "scan_kernels_sm90.cu")
+
+
+def cuda_layout(dim, groups, d_state):
+    """Threads per channel and channel blocks per group of the csrc/ CUDA kernels (the rule of
+    fwd_slices / bwd_slices / channel_blocks in csrc/cuda/scan_kernels.cuh)."""
+    def pow2(x):
+        return 1 << max(0, (x - 1).bit_length())
+    fwd, bwd = pow2(-(-d_state // 8)), max(4, pow2(-(-d_state // 4)))
+    dpg = dim // groups
+    return {kind: (s, -(-dpg // (128 // s))) for kind, s in (("fwd", fwd), ("bwd", bwd))}
+
+
+def compile_cuda(out_dir, *, batch, dim, seqlen, d_state, dtype, arch, nvcc):
+    """The csrc/ CUDA kernels (forward, backward) for sm_<arch> with nvcc, one cubin each, and the
+    JSON the static model reads. The traffic counts what each kernel must move: its inputs and
+    outputs once, the states saved every 8 steps, the backward's per-block dB/dC partials."""
+    os.makedirs(out_dir, exist_ok=True)
+    itemsize = DTYPES[dtype].itemsize
+    act = batch * dim * seqlen * itemsize
+    bc = 2 * batch * d_state * seqlen * itemsize
+    states = batch * dim * -(-seqlen // 8) * d_state * 4
+    layout = cuda_layout(dim, 1, d_state)
+    records = []
+    for kind in ("fwd", "bwd"):
+        slices, blocks = layout[kind]
+        name = f"cuda_scan_{kind}"
+        stem = os.path.join(out_dir, name)
+        subprocess.run([nvcc, f"-arch=sm_{arch}", "-cubin", "-O3", "-lineinfo", f"-DSSMK_BACKWARD={int(kind == 'bwd')}",
+                        f"-DSSMK_T={CUDA_TYPES[dtype]}", f"-DSSMK_N={d_state}", "-o", stem + ".cubin", CUDA_SOURCE],
+                       check=True)
+        res_usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", stem + ".cubin"],
+                                   capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1].strip()
+        smem = int(re.search(r"SHARED:(\d+)", res_usage).group(1)) if "SHARED:" in res_usage else 0
+        if kind == "fwd":  # u, delta, z, B, C in; out, states out
+            hbm = 4 * act + bc + states
+        else:  # u, delta, z, dout, B, C, states in; du, ddelta, dz, dB/dC partials out
+            hbm = 7 * act + bc + states + 2 * blocks * batch * d_state * seqlen * 4
+        record = dict(kernel=name, kind=kind, arch=arch, dtype=dtype, batch=batch, dim=dim, seqlen=seqlen,
+                      d_state=d_state, ctas=batch * blocks, num_warps=4, shared_bytes=smem, res_usage=res_usage,
+                      loop_trips=-(-seqlen // 8), es_total=batch * dim * seqlen * d_state, hbm_bytes=hbm,
+                      threads_per_channel=slices)
+        with open(stem + ".json", "w") as f:
+            json.dump(record, f, indent=1)
+        records.append(record)
+    return records
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for <kernel>.cubin and <kernel>.json")
@@ -233,6 +284,10 @@ def main(argv=None):
     parser.add_argument("--deterministic", action="store_true", help="the backward's deterministic mode")
     parser.add_argument("--packed", action="store_true", help="the batch's sequences packed in one row (cu_seqlens)")
     parser.add_argument("--state-update", action="store_true", help="the decoding kernel (selective_state_update)")
+    parser.add_argument("--cuda", action="store_true",
+                        help="the compiled extension's CUDA kernels (csrc/cuda) instead of the Triton ones, with nvcc")
+    parser.add_argument("--nvcc", default=os.environ.get("NVCC", "nvcc"),
+                        help="nvcc for --cuda (default $NVCC, else nvcc on PATH)")
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--shipped", action="store_true",
                         help="instead of one configuration, every variant the launchers pick (DIR/<n>/...)")
@@ -245,6 +300,11 @@ def main(argv=None):
             for r in compile_state_update(os.path.join(args.out, f"state_update-{i}"), arch=args.arch, **cfg):
                 print(f"{r['kernel']} ({', '.join(f'{k}={v}' for k, v in cfg.items())}): grid {r['grid']}, "
                       f"{r['num_warps']} warps, {r['res_usage']}", flush=True)
+    elif args.cuda:
+        for r in compile_cuda(args.out, batch=args.batch, dim=args.dim, seqlen=args.seqlen, d_state=args.d_state,
+                              dtype=args.dtype, arch=args.arch, nvcc=args.nvcc):
+            print(f"{r['kernel']}: {r['ctas']} CTAs, {r['num_warps']} warps, {r['res_usage']}", flush=True)
+        return 0
     elif args.state_update:
         for r in compile_state_update(args.out, batch=args.batch, dim=args.dim, d_state=args.d_state,
                                       dtype=args.dtype, arch=args.arch):

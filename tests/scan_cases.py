@@ -1,10 +1,25 @@
 """Inputs, runner and comparison shared by the selective-scan tests."""
 
+import pytest
 import torch
 
 from ssm_kernels.check import TOLERANCE, relative_error
+from ssm_kernels.ops.selective_scan.compiled import extension_unavailable_reason
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The compiled CPU kernels (csrc/), when the extension is built; tests/test_compiled.py fails
+# when it is not, unless SSM_KERNELS_NO_EXT=1 says that is intended.
+CPP_REASON = extension_unavailable_reason() if DEVICE.type == "cpu" else "the cpp backend runs on CPU tensors"
+NEEDS_EXTENSION = pytest.mark.skipif(CPP_REASON is not None, reason=str(CPP_REASON))
+CPP = pytest.param("cpp", marks=NEEDS_EXTENSION)
+
+
+def cpp_case(*values):
+    """A parametrize case ("cpp", *values), skipped where the extension is not built."""
+    return pytest.param("cpp", *values, marks=NEEDS_EXTENSION)
+
+
+SCAN_BACKENDS = ["torch", "triton", CPP]  # every chunked backend the tests run on this machine
 ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
 # TOLERANCE: max |actual - reference| / max |reference| per dtype of the backend's inputs; the

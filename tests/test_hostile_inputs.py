@@ -4,10 +4,10 @@ output and gradient is finite wherever the float64 reference is, and as accurate
 import pytest
 import torch
 
-from scan_cases import DEVICE, as_leaves, assert_matches, check_against_reference, make_inputs, run_scan
+from scan_cases import SCAN_BACKENDS, DEVICE, as_leaves, assert_matches, check_against_reference, make_inputs, run_scan
 from ssm_kernels import selective_scan_fn, selective_scan_ref
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = SCAN_BACKENDS
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

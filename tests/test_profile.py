@@ -4,14 +4,17 @@ import json
 import warnings
 
 import pytest
+import torch
 
+from scan_cases import CPP
 from ssm_kernels import __main__ as cli
 from ssm_kernels import profile as profile_module
+from ssm_kernels.ops.selective_scan.backends import default_backend
 
 TINY = ["--d-inner", "8", "--seqlen", "21", "--batch", "2", "--d-state", "4", "--warmup", "1", "--steps", "2"]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", CPP])
 def test_profile_reports_kernels_bandwidth_memory_and_writes_a_trace(backend, tmp_path, capsys):
     trace = tmp_path / "trace.json"
     assert cli.main(["profile", *TINY, "--backward", "--backend", backend, "--trace", str(trace)]) == 0
@@ -25,7 +28,7 @@ def test_profile_reports_kernels_bandwidth_memory_and_writes_a_trace(backend, tm
 
 def test_profile_returns_its_numbers():
     result = profile_module.profile(8, 21, 2, "fp32", d_state=4, warmup=0, steps=1, print_fn=lambda *a: None)
-    assert result["mode"] == "fwd" and result["backend"] == "torch"
+    assert result["mode"] == "fwd" and result["backend"] == default_backend(torch.device("cpu"))
     assert result["gbps"] > 0 and result["peak_mem_bytes"] > 0 and result["median_ms"] > 0
 
 

@@ -4,10 +4,10 @@ sequential reference (Triton through the interpreter when there is no GPU)."""
 import pytest
 import torch
 
-from scan_cases import DEVICE, as_leaves, assert_matches, check_against_reference, make_inputs, run_scan
+from scan_cases import CPP_REASON, SCAN_BACKENDS, DEVICE, as_leaves, assert_matches, check_against_reference, make_inputs, run_scan
 from ssm_kernels import selective_scan_fn
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = SCAN_BACKENDS
 # Everything on: D, z, bias, softplus, grouped B/C, initial_state, last_state, multipliers != 1.
 FULL = dict(delta_softplus=True, return_last_state=True, dt_scale=0.7, b_scale=1.3, c_scale=0.6)
 
@@ -107,7 +107,7 @@ def test_ref_backend_is_the_reference():
 def test_default_backend(monkeypatch):
     from ssm_kernels.ops.selective_scan.interface import resolve_backend
     u = torch.zeros(1, 1, 1, device=DEVICE)
-    assert resolve_backend(None, u) == ("triton" if DEVICE.type == "cuda" else "torch")
+    assert resolve_backend(None, u) == ("triton" if DEVICE.type == "cuda" else "torch" if CPP_REASON else "cpp")
     monkeypatch.setenv("SSM_KERNELS_BACKEND", "ref")
     assert resolve_backend(None, u) == "ref"
     assert resolve_backend("torch", u) == "torch"  # the argument wins over the environment

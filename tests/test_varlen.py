@@ -4,7 +4,7 @@ own (out, last states, every gradient, initial states included), on every backen
 import pytest
 import torch
 
-from scan_cases import as_leaves, assert_matches, make_inputs
+from scan_cases import as_leaves, assert_matches, cpp_case, make_inputs
 from ssm_kernels import selective_scan_fn, selective_scan_ref
 
 SCALES = dict(dt_scale=0.5, b_scale=2.0, c_scale=0.25)
@@ -54,7 +54,7 @@ def _separately(leaves, cu):
 
 
 @pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), ("triton", torch.float32),
-                                            ("ref", torch.float64)])
+                                            ("ref", torch.float64), cpp_case(torch.float64), cpp_case(torch.float32)])
 @pytest.mark.parametrize("bc, initial_state", [("grouped", True), ("fixed", False), ("variable", True)])
 def test_packed_equals_each_sequence_alone(backend, dtype, bc, initial_state):
     master, cu = _packed_inputs(bc, initial_state)
@@ -110,7 +110,7 @@ def test_bad_cu_seqlens(change, error, match):
         _bad(**change)
 
 
-@pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), ("triton", torch.float32)])
+@pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), ("triton", torch.float32), cpp_case(torch.float64)])
 def test_packed_model_equals_each_sequence_alone(backend, dtype):
     """MambaLM (its Mamba layers' conv and scan) with cu_seqlens: logits and every parameter
     gradient equal the model run on each sequence by itself (on the "torch" backend); no conv tap

@@ -20,8 +20,9 @@ import torch
 from ..check import DTYPES, MULTIPLIERS, make_inputs
 from ..check import available_backends as scan_backends
 from ..ops.selective_scan import selective_scan_fn
+from ..ops.selective_scan.backends import CHUNKED_BACKENDS
 
-BACKENDS = ("triton", "torch", "mamba_ssm")
+BACKENDS = CHUNKED_BACKENDS + ("mamba_ssm",)  # ours (one source: the registry) and mamba_ssm's CUDA scan
 MODES = ("fwd", "bwd", "fwdbwd")
 MULTIPLIER_MODES = ("fused", "separate", "none")
 
@@ -123,7 +124,7 @@ def _scan(backend: str, multipliers: str):
         scan = _mamba_ssm_scan()
         if scan is None:
             raise ValueError("backend: mamba_ssm is not importable here")
-    elif backend in ("triton", "torch"):
+    elif backend in CHUNKED_BACKENDS:
         def scan(*args, **kwargs):
             return selective_scan_fn(*args, backend=backend, **kwargs)
     else:

@@ -2,7 +2,7 @@
 
 An entry says how to run the forward and the backward, the spacing of the states the forward
 saves, where the backend runs, which dtypes and state sizes it takes, and in which dtype it
-keeps the state. Adding a backend (the csrc/ extension, say) is one more `Backend(...)` here.
+keeps the state. Adding a backend is one more `Backend(...)` here.
 """
 
 import importlib
@@ -14,6 +14,8 @@ import torch
 
 from .checks import ALL_DTYPES, IO_DTYPES
 from .chunk_torch import CHUNK_SIZE, compute_dtype, selective_scan_bwd_torch, selective_scan_fwd_torch
+from .compiled import CHUNK_SIZE as COMPILED_CHUNK_SIZE
+from .compiled import cpp_unavailable, extension_unavailable_reason
 
 BACKEND_ENV = "SSM_KERNELS_BACKEND"
 
@@ -64,6 +66,11 @@ BACKENDS = {b.name: b for b in (
             forward=_lazy(".chunk", "selective_scan_fwd_triton"), backward=_lazy(".chunk", "selective_scan_bwd_triton"),
             chunk_size=_lazy(".chunk", "triton_chunk_size"), dtypes=IO_DTYPES, max_d_state=256,
             state_dtype=lambda *tensors: torch.float32, unavailable_reason=_triton_unavailable),
+    # the compiled CPU kernels of csrc/ (compiled.py), when the extension is built
+    Backend(name="cpp",
+            forward=_lazy(".compiled", "selective_scan_fwd_cpp"), backward=_lazy(".compiled", "selective_scan_bwd_cpp"),
+            chunk_size=lambda seqlen, device: COMPILED_CHUNK_SIZE, dtypes=ALL_DTYPES, max_d_state=None,
+            state_dtype=compute_dtype, unavailable_reason=cpp_unavailable),
     # the sequential reference (naive.py), differentiated by autograd
     Backend(name="ref",
             forward=None, backward=None, chunk_size=None, dtypes=ALL_DTYPES, max_d_state=None,
@@ -81,12 +88,15 @@ def get_backend(name: str, source: str = "backend") -> Backend:
 
 
 def default_backend(device: torch.device) -> str:
-    return "triton" if device.type == "cuda" else "torch"
+    """"triton" for CUDA tensors; on the CPU "cpp" when the extension is built, else "torch"."""
+    if device.type == "cuda":
+        return "triton"
+    return "cpp" if device.type == "cpu" and extension_unavailable_reason() is None else "torch"
 
 
 def resolve_backend(backend: Optional[str], u) -> str:
-    """The argument, else $SSM_KERNELS_BACKEND, else "triton" for CUDA tensors and "torch"
-    otherwise; refused where it cannot run."""
+    """The argument, else $SSM_KERNELS_BACKEND, else default_backend; refused where it cannot run
+    (never a silent fallback from a backend asked for)."""
     if not isinstance(u, torch.Tensor):
         raise TypeError(f"u: expected a torch.Tensor, got {type(u).__name__}")
     source = "backend"

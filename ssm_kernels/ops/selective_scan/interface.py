@@ -110,7 +110,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         y_t  = sum_n (c_scale * C_t[n]) * h_t[n] + D * u_t;   out = y * silu(z) when z is given
 
     Args:
-        u, delta: (batch, dim, L), float32 / float16 / bfloat16 (float64 on the "torch" and "ref" backends).
+        u, delta: (batch, dim, L), float32 / float16 / bfloat16 (float64 on the "torch", "cpp" and "ref"
+            backends).
         A: (dim, N), real float32.
         B, C: fixed (dim, N), variable (batch, N, L) or grouped (batch, G, N, L); channel d uses
             group d // (dim // G).
@@ -121,8 +122,9 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         dt_scale, b_scale, c_scale: width-dependent multipliers (keyword-only; Python floats or
             0-dim tensors), applied inside the recurrence. 1.0 gives the plain scan.
         initial_state: (batch, dim, N), optional; gradients flow into it.
-        backend: "triton", "torch" or "ref"; default $SSM_KERNELS_BACKEND, else "triton" for CUDA
-            tensors and "torch" otherwise.
+        backend: "triton", "torch", "cpp" (the compiled CPU kernels of csrc/, when built) or "ref";
+            default $SSM_KERNELS_BACKEND, else "triton" for CUDA tensors, "cpp" for CPU tensors when
+            the extension is built, and "torch" otherwise.
         cu_seqlens: packed variable-length sequences (flash-linear-attention's convention): u, delta,
             z and variable B/C hold num_seqs sequences one after another along L with batch 1;
             cu_seqlens (num_seqs + 1,) int32/int64 gives their boundaries (0, ..., L, non-decreasing;

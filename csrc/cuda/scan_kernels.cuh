@@ -1,0 +1,405 @@
+// CUDA selective scan, forward and backward: the design the static model favours (see
+// ../shared/tools/static_gpu/README.md and csrc/README.md). No torch header: this file compiles
+// alone for the static model (scan_kernels_sm90.cu) and inside the extension (scan_cuda.cu).
+//
+// A thread owns NS consecutive states of one channel and runs the recurrence sequentially in
+// time, the states in registers; the S = P / NS threads of a channel are neighbouring lanes and
+// join y (and, backward, the sums over states) with S-1 shuffle rounds. A block covers channels
+// of one (sequence, group), so they share variable B/C: each 8-step tile of B and C is staged in
+// shared memory once per block, states last, and read with vector loads.
+// The forward saves the state every kChunk = 8 steps; the backward recomputes a tile's states and
+// decays in registers from the saved state and runs the adjoint recurrence over it in reverse.
+// Variable dB/dC sum over the channels of a group: a transpose-reduction across the channel lanes
+// of a warp (each lane ends with its share of the sums), then a fixed-order sum over the warps of
+// the block into a per-block partial that the caller sums: deterministic, no atomics.
+#pragma once
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace ssm_kernels {
+namespace cuda {
+
+constexpr int kChunk = 8;      // steps per tile and between saved states
+constexpr int kThreads = 128;  // per block
+constexpr unsigned kFull = 0xffffffffu;
+
+template <typename T> __device__ __forceinline__ float to_float(T x);
+template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+struct Params {
+  int batch, dim, seqlen, d_state, groups, n_slots, n_seqs;
+  const int64_t* seqs;  // (4, n_seqs): batch row, start, end, first saved-state slot
+  bool softplus, B_fixed, C_fixed;
+  float dt_scale, b_scale, c_scale;
+  const void *u, *delta, *z;    // (batch, dim, L) in T
+  const void *B, *C;            // variable: (batch, G, N, L) in TB; fixed: (dim, N) float
+  const float *A, *D, *bias;    // (dim, N), (dim,), (dim,)
+  const float* h0;              // (n_seqs, dim, N) or null
+  float* states;                // (batch, dim, n_slots, N)
+  void* out;                    // (batch, dim, L) in T
+  float* last;                  // (n_seqs, dim, N)
+  // backward
+  const void* dout;             // (batch, dim, L) in T
+  const float* dlast;           // (n_seqs, dim, N) or null
+  void *du, *ddelta, *dz;       // (batch, dim, L) in T
+  float *dA, *dB, *dC, *dD, *dbias, *dh0;  // partials, see scan_cuda.cu
+  int n_cblocks;                // channel blocks per group (the variable dB/dC partials)
+};
+
+// 8 consecutive steps of a (.., L) row from step t, count of them valid (the rest 0); one vector
+// load when the row is aligned (the branch is uniform across a block)
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, int count, bool aligned, float (&v)[kChunk]) {
+  if (aligned && count == kChunk) {
+    if (sizeof(T) == 2) {
+      uint4 raw = *reinterpret_cast<const uint4*>(p);
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int k = 0; k < kChunk; ++k) v[k] = to_float(e[k]);
+    } else {
+      float4 lo = reinterpret_cast<const float4*>(p)[0], hi = reinterpret_cast<const float4*>(p)[1];
+      v[0] = lo.x; v[1] = lo.y; v[2] = lo.z; v[3] = lo.w; v[4] = hi.x; v[5] = hi.y; v[6] = hi.z; v[7] = hi.w;
+    }
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kChunk; ++k) v[k] = k < count ? to_float(p[k]) : 0.f;
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* p, int count, bool aligned, const float (&v)[kChunk]) {
+  if (aligned && count == kChunk && sizeof(T) == 2) {
+    uint4 raw;
+    T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) e[k] = from_float<T>(v[k]);
+    *reinterpret_cast<uint4*>(p) = raw;
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kChunk; ++k)
+    if (k < count) p[k] = from_float<T>(v[k]);
+}
+
+// sum over the S lanes of a channel (neighbours): every one of them gets it
+template <int S>
+__device__ __forceinline__ float channel_sum(float x) {
+#pragma unroll
+  for (int m = 1; m < S; m <<= 1) x += __shfl_xor_sync(kFull, x, m);
+  return x;
+}
+
+// Where a thread works: which (sequence, group, channel block) its block covers, its channel and
+// its states. Lanes past the group's last channel compute on zeros and store nothing.
+template <int NS, int S>
+struct Place {
+  int seq, b, g, d, slice, t_begin, t_end, slot, cblock;
+  bool active;
+  __device__ Place(const Params& p) {
+    constexpr int channels = kThreads / S;
+    const int dpg = p.dim / p.groups;
+    const int n_cblocks = (dpg + channels - 1) / channels;
+    cblock = blockIdx.x % n_cblocks;
+    g = (blockIdx.x / n_cblocks) % p.groups;
+    seq = blockIdx.x / (n_cblocks * p.groups);
+    const int c = cblock * channels + threadIdx.x / S;
+    active = c < dpg;
+    d = g * dpg + (active ? c : 0);
+    slice = threadIdx.x % S;
+    b = static_cast<int>(p.seqs[seq]);
+    t_begin = static_cast<int>(p.seqs[p.n_seqs + seq]);
+    t_end = static_cast<int>(p.seqs[2 * p.n_seqs + seq]);
+    slot = static_cast<int>(p.seqs[3 * p.n_seqs + seq]);
+  }
+};
+
+// One 8-step tile of variable B or C for the block's (batch row, group), states last, in shared
+// memory: tile[k * P + n], zero past N and past the sequence's end
+template <typename TB, int P>
+__device__ __forceinline__ void stage_tile(const Params& p, const TB* X, int b, int g, int t0, int count,
+                                           float* tile) {
+  for (int e = threadIdx.x; e < kChunk * P; e += kThreads) {
+    const int n = e / kChunk, k = e % kChunk;  // consecutive threads walk time: coalesced reads
+    float v = 0.f;
+    if (n < p.d_state && k < count) v = to_float(X[((int64_t)(b * p.groups + g) * p.d_state + n) * p.seqlen + t0 + k]);
+    tile[k * P + n] = v;
+  }
+}
+
+template <int NS>
+__device__ __forceinline__ void load_states(const float* src, int n0, int N, float (&x)[NS], const float* base) {
+#pragma unroll
+  for (int i = 0; i < NS; ++i) x[i] = (base != nullptr && n0 + i < N) ? src[n0 + i] : 0.f;
+}
+
+__device__ __forceinline__ float softplus(float x) { return x <= 20.f ? log1pf(__expf(x)) : x; }
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// dt and d dt / d pre-activation for a tile
+__device__ __forceinline__ void discretize(const Params& p, float bias, const float (&delta)[kChunk],
+                                           float (&dt)[kChunk], float (&dsp)[kChunk]) {
+#pragma unroll
+  for (int k = 0; k < kChunk; ++k) {
+    const float pre = delta[k] * p.dt_scale + bias;
+    dt[k] = p.softplus ? softplus(pre) : pre;
+    dsp[k] = (p.softplus && pre <= 20.f) ? sigmoid(pre) : 1.f;
+  }
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kMaxDState = 128;  // the backward's shared memory (red) grows with it
+
+// States per thread (NS) and threads per channel (S) for d_state N: the forward keeps 8 states a
+// thread; the backward 4 (it holds a tile's states and decays), with at least 16 per channel so
+// that a step's dB and dC (2 NS values) cover the 32 / S lanes of the transpose-reduction.
+__host__ __device__ constexpr int next_pow2(int x) { return x <= 1 ? 1 : 2 * next_pow2((x + 1) / 2); }
+__host__ __device__ constexpr int fwd_slices(int N) { return next_pow2((N + 7) / 8); }
+__host__ __device__ constexpr int bwd_slices(int N) { return next_pow2((N + 3) / 4) < 4 ? 4 : next_pow2((N + 3) / 4); }
+__host__ __device__ constexpr int channel_blocks(int dpg, int slices) {
+  return (dpg + kThreads / slices - 1) / (kThreads / slices);
+}
+
+template <typename T, typename TB, int NS, int S>
+__global__ void __launch_bounds__(kThreads) scan_fwd_kernel(Params p) {
+  constexpr int P = NS * S;
+  __shared__ float B_tile[kChunk * P], C_tile[kChunk * P];
+  const Place<NS, S> w(p);
+  const int N = p.d_state, n0 = w.slice * NS;
+  const int64_t row = ((int64_t)w.b * p.dim + w.d) * p.seqlen;
+  const T* u = static_cast<const T*>(p.u) + row;
+  const T* delta = static_cast<const T*>(p.delta) + row;
+  const T* z = p.z ? static_cast<const T*>(p.z) + row : nullptr;
+  T* out = static_cast<T*>(p.out) + row;
+  float A2[NS], h[NS], Bf[NS], Cf[NS];
+#pragma unroll
+  for (int i = 0; i < NS; ++i) {
+    const bool ok = n0 + i < N;
+    A2[i] = ok ? p.A[w.d * N + n0 + i] * kLog2e : 0.f;
+    Bf[i] = (ok && p.B_fixed) ? static_cast<const float*>(p.B)[w.d * N + n0 + i] : 0.f;
+    Cf[i] = (ok && p.C_fixed) ? static_cast<const float*>(p.C)[w.d * N + n0 + i] : 0.f;
+  }
+  const int64_t srow = (int64_t)w.seq * p.dim + w.d;
+  load_states<NS>(p.h0 ? p.h0 + srow * N : nullptr, n0, N, h, (w.active && p.h0) ? p.h0 : nullptr);
+  const float D = p.D ? p.D[w.d] : 0.f, bias = p.bias ? p.bias[w.d] : 0.f;
+  float* states = p.states + (((int64_t)w.b * p.dim + w.d) * p.n_slots + w.slot) * N;
+  const TB* Bv = static_cast<const TB*>(p.B);
+  const TB* Cv = static_cast<const TB*>(p.C);
+  for (int t0 = w.t_begin; t0 < w.t_end; t0 += kChunk) {
+    const int count = min(kChunk, w.t_end - t0);
+    const bool aligned = ((row + t0) % kChunk) == 0;
+    if (w.active)
+#pragma unroll
+      for (int i = 0; i < NS; ++i)
+        if (n0 + i < N) states[n0 + i] = h[i];
+    states += N;
+    float uk[kChunk], dk[kChunk], zk[kChunk], dt[kChunk], dsp[kChunk], y[kChunk];
+    load8(u, w.active ? count : 0, aligned, uk);  // inactive lanes: u = 0, so h stays 0
+    load8(delta, count, aligned, dk);
+    if (z) load8(z, count, aligned, zk);
+    discretize(p, bias, dk, dt, dsp);
+    if (!p.B_fixed) stage_tile<TB, P>(p, Bv, w.b, w.g, t0, count, B_tile);
+    if (!p.C_fixed) stage_tile<TB, P>(p, Cv, w.b, w.g, t0, count, C_tile);
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      if (k >= count) break;  // past the sequence's end (uniform across the block)
+      const float x = dt[k] * uk[k] * p.b_scale;
+      float acc = 0.f;
+#pragma unroll
+      for (int i = 0; i < NS; ++i) {
+        const float Bk = p.B_fixed ? Bf[i] : B_tile[k * P + n0 + i];
+        const float Ck = p.C_fixed ? Cf[i] : C_tile[k * P + n0 + i];
+        h[i] = exp2f(dt[k] * A2[i]) * h[i] + x * Bk;
+        acc += h[i] * Ck;
+      }
+      y[k] = channel_sum<S>(acc) * p.c_scale + D * uk[k];
+      if (z) y[k] *= zk[k] * sigmoid(zk[k]);
+    }
+    __syncthreads();  // the tiles are overwritten next
+    if (w.active && w.slice == 0) store8(out + t0, count, aligned, y);
+  }
+  if (w.active)
+#pragma unroll
+    for (int i = 0; i < NS; ++i)
+      if (n0 + i < N) p.last[srow * N + n0 + i] = h[i];
+}
+
+// Sums V values over the lanes that share this lane's slice (xor masks S, 2S, .., 16), leaving
+// each lane V / (32 / S) of the sums: those of flat index offset + j, j < V / (32 / S).
+template <int V, int S>
+__device__ __forceinline__ int transpose_reduce(float (&v)[V], int lane) {
+  int offset = 0;
+#pragma unroll
+  for (int m = S, half = V / 2; m < 32; m <<= 1, half /= 2) {
+    const bool upper = lane & m;
+#pragma unroll
+    for (int j = 0; j < half; ++j) {
+      const float send = upper ? v[j] : v[j + half];
+      const float keep = upper ? v[j + half] : v[j];
+      v[j] = keep + __shfl_xor_sync(kFull, send, m);
+    }
+    offset += upper ? half : 0;
+  }
+  return offset;
+}
+
+template <typename T, typename TB, int NS, int S>
+__global__ void __launch_bounds__(kThreads) scan_bwd_kernel(Params p) {
+  constexpr int P = NS * S;
+  constexpr int kWarps = kThreads / 32;
+  constexpr int V = 2 * NS;                 // dB and dC of a step, per lane
+  constexpr int kChannelLanes = 32 / S;     // lanes per warp that share a slice
+  static_assert(V % kChannelLanes == 0 || kChannelLanes == 1, "NS too small for this S");
+  constexpr int kKept = V / kChannelLanes > 0 ? V / kChannelLanes : 1;
+  __shared__ float B_tile[kChunk * P], C_tile[kChunk * P];
+  __shared__ float red[kWarps][kChunk][S][V];  // per warp: the step's dB, dC per slice
+  const Place<NS, S> w(p);
+  const int N = p.d_state, n0 = w.slice * NS, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t row = ((int64_t)w.b * p.dim + w.d) * p.seqlen;
+  const T* u = static_cast<const T*>(p.u) + row;
+  const T* delta = static_cast<const T*>(p.delta) + row;
+  const T* z = p.z ? static_cast<const T*>(p.z) + row : nullptr;
+  const T* dout = static_cast<const T*>(p.dout) + row;
+  T* du = static_cast<T*>(p.du) + row;
+  T* ddelta = static_cast<T*>(p.ddelta) + row;
+  T* dz = p.dz ? static_cast<T*>(p.dz) + row : nullptr;
+  float A[NS], A2[NS], Bf[NS], Cf[NS], adj[NS], dA[NS], dBf[NS], dCf[NS];
+#pragma unroll
+  for (int i = 0; i < NS; ++i) {
+    const bool ok = n0 + i < N;
+    A[i] = ok ? p.A[w.d * N + n0 + i] : 0.f;
+    A2[i] = A[i] * kLog2e;
+    Bf[i] = (ok && p.B_fixed) ? static_cast<const float*>(p.B)[w.d * N + n0 + i] : 0.f;
+    Cf[i] = (ok && p.C_fixed) ? static_cast<const float*>(p.C)[w.d * N + n0 + i] : 0.f;
+    dA[i] = dBf[i] = dCf[i] = 0.f;
+  }
+  const int64_t srow = (int64_t)w.seq * p.dim + w.d;
+  load_states<NS>(p.dlast ? p.dlast + srow * N : nullptr, n0, N, adj, (w.active && p.dlast) ? p.dlast : nullptr);
+  const float D = p.D ? p.D[w.d] : 0.f, bias = p.bias ? p.bias[w.d] : 0.f;
+  float dD = 0.f, dbias = 0.f;
+  const float* states = p.states + (((int64_t)w.b * p.dim + w.d) * p.n_slots + w.slot) * N;
+  const TB* Bv = static_cast<const TB*>(p.B);
+  const TB* Cv = static_cast<const TB*>(p.C);
+  const int n_tiles = (w.t_end - w.t_begin + kChunk - 1) / kChunk;
+  for (int c = n_tiles - 1; c >= 0; --c) {
+    const int t0 = w.t_begin + c * kChunk, count = min(kChunk, w.t_end - t0);
+    const bool aligned = ((row + t0) % kChunk) == 0;
+    float uk[kChunk], dk[kChunk], zk[kChunk], gk[kChunk], dt[kChunk], dsp[kChunk];
+    load8(u, w.active ? count : 0, aligned, uk);
+    load8(delta, count, aligned, dk);
+    load8(dout, w.active ? count : 0, aligned, gk);  // inactive lanes: no gradient flows
+    if (z) load8(z, count, aligned, zk);
+    discretize(p, bias, dk, dt, dsp);
+    if (!p.B_fixed) stage_tile<TB, P>(p, Bv, w.b, w.g, t0, count, B_tile);
+    if (!p.C_fixed) stage_tile<TB, P>(p, Cv, w.b, w.g, t0, count, C_tile);
+    __syncthreads();
+    // recompute the tile: hist[k] = state after step t0 + k, hist[-1] = the saved one
+    float h_in[NS], hist[kChunk][NS], decay[kChunk][NS], y[kChunk];
+    load_states<NS>(states + (int64_t)c * N, n0, N, h_in, w.active ? states : nullptr);
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      const float x = dt[k] * uk[k] * p.b_scale;
+      float acc = 0.f;
+#pragma unroll
+      for (int i = 0; i < NS; ++i) {
+        const float Bk = p.B_fixed ? Bf[i] : B_tile[k * P + n0 + i];
+        const float Ck = p.C_fixed ? Cf[i] : C_tile[k * P + n0 + i];
+        decay[k][i] = exp2f(dt[k] * A2[i]);
+        hist[k][i] = decay[k][i] * (k == 0 ? h_in[i] : hist[k - 1][i]) + x * Bk;
+        acc += hist[k][i] * Ck;
+      }
+      y[k] = z ? channel_sum<S>(acc) * p.c_scale + D * uk[k] : 0.f;
+    }
+    float du_k[kChunk], dd_k[kChunk], dz_k[kChunk];
+#pragma unroll
+    for (int k = kChunk - 1; k >= 0; --k) {
+      if (k >= count) {  // past the sequence's end (uniform across the block)
+        du_k[k] = dd_k[k] = dz_k[k] = 0.f;
+        continue;
+      }
+      float dy = gk[k];
+      if (z) {
+        const float sz = sigmoid(zk[k]);
+        dz_k[k] = gk[k] * y[k] * sz * (1.f + zk[k] * (1.f - sz));
+        dy = gk[k] * zk[k] * sz;
+      }
+      dD += dy * uk[k];
+      const float dyc = dy * p.c_scale, dtu = dt[k] * uk[k] * p.b_scale;
+      float s_decayed = 0.f, s_input = 0.f, v[V];
+#pragma unroll
+      for (int i = 0; i < NS; ++i) {
+        const float Bk = p.B_fixed ? Bf[i] : B_tile[k * P + n0 + i];
+        const float Ck = p.C_fixed ? Cf[i] : C_tile[k * P + n0 + i];
+        const float gn = adj[i] + dyc * Ck;
+        const float prev = k == 0 ? h_in[i] : hist[k - 1][i];
+        const float gah = gn * (decay[k][i] * prev);  // a_t h_{t-1} as a product (strong decay)
+        dA[i] += gah * dt[k];
+        s_decayed += gah * A[i];
+        s_input += gn * Bk;
+        v[i] = gn * dtu;               // dB
+        v[NS + i] = dyc * hist[k][i];  // dC
+        adj[i] = gn * decay[k][i];
+      }
+      s_decayed = channel_sum<S>(s_decayed);
+      s_input = channel_sum<S>(s_input);
+      du_k[k] = dy * D + s_input * p.b_scale * dt[k];
+      const float d_pre = (s_decayed + s_input * p.b_scale * uk[k]) * dsp[k];
+      dd_k[k] = d_pre * p.dt_scale;
+      dbias += d_pre;
+      if (p.B_fixed || p.C_fixed) {
+#pragma unroll
+        for (int i = 0; i < NS; ++i) {
+          dBf[i] += v[i];
+          dCf[i] += v[NS + i];
+        }
+      }
+      if (!p.B_fixed || !p.C_fixed) {
+        const int offset = transpose_reduce<V, S>(v, lane);
+#pragma unroll
+        for (int j = 0; j < kKept; ++j) red[warp][k][w.slice][offset + j] = v[j];
+      }
+    }
+    if (w.active && w.slice == 0) {
+      store8(du + t0, count, aligned, du_k);
+      store8(ddelta + t0, count, aligned, dd_k);
+      if (dz) store8(dz + t0, count, aligned, dz_k);
+    }
+    __syncthreads();
+    if (!p.B_fixed || !p.C_fixed) {
+      // the block's sums over its warps, in a fixed order, into its partial (n_cblocks, batch, G, N, L)
+      for (int e = threadIdx.x; e < 2 * P * kChunk; e += kThreads) {
+        const int k = e % kChunk, n = (e / kChunk) % P, which = e / (kChunk * P);
+        if (k >= count || n >= N || (which == 0 ? p.B_fixed : p.C_fixed)) continue;
+        float sum = 0.f;
+#pragma unroll
+        for (int q = 0; q < kWarps; ++q) sum += red[q][k][n / NS][which * NS + n % NS];
+        float* part = which == 0 ? p.dB : p.dC;
+        part[((((int64_t)w.cblock * p.batch + w.b) * p.groups + w.g) * N + n) * p.seqlen + t0 + k] = sum;
+      }
+      __syncthreads();
+    }
+  }
+  if (!w.active) return;
+#pragma unroll
+  for (int i = 0; i < NS; ++i) {
+    if (n0 + i >= N) continue;
+    p.dh0[srow * N + n0 + i] = adj[i];
+    p.dA[srow * N + n0 + i] = dA[i];
+    if (p.B_fixed) p.dB[srow * N + n0 + i] = dBf[i];
+    if (p.C_fixed) p.dC[srow * N + n0 + i] = dCf[i];
+  }
+  if (w.slice == 0) {
+    if (p.dD) p.dD[srow] = dD;
+    if (p.dbias) p.dbias[srow] = dbias;
+  }
+}
+
+}  // namespace cuda
+}  // namespace ssm_kernels

@@ -1,0 +1,20 @@
+// One CUDA kernel instantiated alone, for the static model (tests/compile_for_gpu.py --cuda):
+// nvcc -cubin -DSSMK_BACKWARD=0|1 -DSSMK_T=__nv_bfloat16|__half|float -DSSMK_N=16
+#include "scan_kernels.cuh"
+
+#ifndef SSMK_T
+#define SSMK_T __nv_bfloat16
+#endif
+#ifndef SSMK_N
+#define SSMK_N 16
+#endif
+
+namespace ssm_kernels {
+namespace cuda {
+#if SSMK_BACKWARD
+template __global__ void scan_bwd_kernel<SSMK_T, SSMK_T, 4, bwd_slices(SSMK_N)>(Params);
+#else
+template __global__ void scan_fwd_kernel<SSMK_T, SSMK_T, 8, fwd_slices(SSMK_N)>(Params);
+#endif
+}  // namespace cuda
+}  // namespace ssm_kernels
