@@ -120,16 +120,46 @@ struct Place {
   }
 };
 
-// One 8-step tile of variable B or C for the block's (batch row, group), states last, in shared
-// memory: tile[k * P + n], zero past N and past the sequence's end
+// 8-step tiles of variable B or C for the block's (batch row, group) in shared memory, states last:
+// tile[k * P + n], zero past N and past the sequence's end. Each thread stages kPer entries of a
+// tile (consecutive threads walk time: coalesced reads), its pointers computed once.
 template <typename TB, int P>
-__device__ __forceinline__ void stage_tile(const Params& p, const TB* X, int b, int g, int t0, int count,
-                                           float* tile) {
-  for (int e = threadIdx.x; e < kChunk * P; e += kThreads) {
-    const int n = e / kChunk, k = e % kChunk;  // consecutive threads walk time: coalesced reads
-    float v = 0.f;
-    if (n < p.d_state && k < count) v = to_float(X[((int64_t)(b * p.groups + g) * p.d_state + n) * p.seqlen + t0 + k]);
-    tile[k * P + n] = v;
+struct TileStager {
+  static constexpr int kPer = (kChunk * P + kThreads - 1) / kThreads;
+  const TB* src[kPer];
+  int dst[kPer], k[kPer];
+  bool ok[kPer];
+  __device__ TileStager(const Params& p, const void* X, int b, int g) {
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int e = threadIdx.x + j * kThreads, n = e / kChunk;
+      k[j] = e % kChunk;
+      ok[j] = e < kChunk * P && n < p.d_state;
+      dst[j] = k[j] * P + n;
+      src[j] = static_cast<const TB*>(X) + ((int64_t)(b * p.groups + g) * p.d_state + (ok[j] ? n : 0)) * p.seqlen + k[j];
+    }
+  }
+  __device__ __forceinline__ void stage(int t0, int count, float* tile) const {
+#pragma unroll
+    for (int j = 0; j < kPer; ++j)
+      if (threadIdx.x + j * kThreads < kChunk * P) tile[dst[j]] = (ok[j] && k[j] < count) ? to_float(src[j][t0]) : 0.f;
+  }
+};
+
+// Step k's B (or C) for this thread's NS states: the fixed values, or float4 reads of the tile
+template <int NS, int P>
+__device__ __forceinline__ void state_row(bool fixed, const float (&fixed_values)[NS], const float* tile, int k,
+                                          int n0, float (&out)[NS]) {
+  if (fixed) {
+#pragma unroll
+    for (int i = 0; i < NS; ++i) out[i] = fixed_values[i];
+    return;
+  }
+  const float4* row = reinterpret_cast<const float4*>(tile + k * P + n0);
+#pragma unroll
+  for (int q = 0; q < NS / 4; ++q) {
+    const float4 v = row[q];
+    out[4 * q] = v.x; out[4 * q + 1] = v.y; out[4 * q + 2] = v.z; out[4 * q + 3] = v.w;
   }
 }
 
@@ -139,8 +169,29 @@ __device__ __forceinline__ void load_states(const float* src, int n0, int N, flo
   for (int i = 0; i < NS; ++i) x[i] = (base != nullptr && n0 + i < N) ? src[n0 + i] : 0.f;
 }
 
-__device__ __forceinline__ float softplus(float x) { return x <= 20.f ? log1pf(__expf(x)) : x; }
-__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+// 2^x in one MUFU.EX2 (flushing results below 2^-126 to 0: decays that small are 0 anyway)
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float exp_approx(float x) { return exp2_approx(x * 1.4426950408889634f); }
+// softplus(x) = log1p(e^x) for x <= 20: log1p(e) = 2 atanh(s), s = e / (2 + e) in [0, 1/3), an
+// odd series to s^15 (relative error below 1e-7), exact as e -> 0; no log1pf call
+__device__ __forceinline__ float softplus(float x) {
+  const float e = exp_approx(fminf(x, 20.f));
+  const float s = __fdividef(e, 2.f + e), s2 = s * s;
+  float p = 1.f / 15.f;
+  p = p * s2 + 1.f / 13.f;
+  p = p * s2 + 1.f / 11.f;
+  p = p * s2 + 1.f / 9.f;
+  p = p * s2 + 1.f / 7.f;
+  p = p * s2 + 1.f / 5.f;
+  p = p * s2 + 1.f / 3.f;
+  p = p * s2 + 1.f;
+  return x <= 20.f ? 2.f * s * p : x;
+}
+__device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + exp_approx(-x)); }
 
 // dt and d dt / d pre-activation for a tile
 __device__ __forceinline__ void discretize(const Params& p, float bias, const float (&delta)[kChunk],
@@ -189,8 +240,7 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(Params p) {
   load_states<NS>(p.h0 ? p.h0 + srow * N : nullptr, n0, N, h, (w.active && p.h0) ? p.h0 : nullptr);
   const float D = p.D ? p.D[w.d] : 0.f, bias = p.bias ? p.bias[w.d] : 0.f;
   float* states = p.states + (((int64_t)w.b * p.dim + w.d) * p.n_slots + w.slot) * N;
-  const TB* Bv = static_cast<const TB*>(p.B);
-  const TB* Cv = static_cast<const TB*>(p.C);
+  const TileStager<TB, P> B_stager(p, p.B, w.b, w.g), C_stager(p, p.C, w.b, w.g);
   for (int t0 = w.t_begin; t0 < w.t_end; t0 += kChunk) {
     const int count = min(kChunk, w.t_end - t0);
     const bool aligned = ((row + t0) % kChunk) == 0;
@@ -204,20 +254,20 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(Params p) {
     load8(delta, count, aligned, dk);
     if (z) load8(z, count, aligned, zk);
     discretize(p, bias, dk, dt, dsp);
-    if (!p.B_fixed) stage_tile<TB, P>(p, Bv, w.b, w.g, t0, count, B_tile);
-    if (!p.C_fixed) stage_tile<TB, P>(p, Cv, w.b, w.g, t0, count, C_tile);
+    if (!p.B_fixed) B_stager.stage(t0, count, B_tile);
+    if (!p.C_fixed) C_stager.stage(t0, count, C_tile);
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < kChunk; ++k) {
       if (k >= count) break;  // past the sequence's end (uniform across the block)
       const float x = dt[k] * uk[k] * p.b_scale;
-      float acc = 0.f;
+      float Bk[NS], Ck[NS], acc = 0.f;
+      state_row<NS, P>(p.B_fixed, Bf, B_tile, k, n0, Bk);
+      state_row<NS, P>(p.C_fixed, Cf, C_tile, k, n0, Ck);
 #pragma unroll
       for (int i = 0; i < NS; ++i) {
-        const float Bk = p.B_fixed ? Bf[i] : B_tile[k * P + n0 + i];
-        const float Ck = p.C_fixed ? Cf[i] : C_tile[k * P + n0 + i];
-        h[i] = exp2f(dt[k] * A2[i]) * h[i] + x * Bk;
-        acc += h[i] * Ck;
+        h[i] = exp2_approx(dt[k] * A2[i]) * h[i] + x * Bk[i];
+        acc += h[i] * Ck[i];
       }
       y[k] = channel_sum<S>(acc) * p.c_scale + D * uk[k];
       if (z) y[k] *= zk[k] * sigmoid(zk[k]);
@@ -285,8 +335,7 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(Params p) {
   const float D = p.D ? p.D[w.d] : 0.f, bias = p.bias ? p.bias[w.d] : 0.f;
   float dD = 0.f, dbias = 0.f;
   const float* states = p.states + (((int64_t)w.b * p.dim + w.d) * p.n_slots + w.slot) * N;
-  const TB* Bv = static_cast<const TB*>(p.B);
-  const TB* Cv = static_cast<const TB*>(p.C);
+  const TileStager<TB, P> B_stager(p, p.B, w.b, w.g), C_stager(p, p.C, w.b, w.g);
   const int n_tiles = (w.t_end - w.t_begin + kChunk - 1) / kChunk;
   for (int c = n_tiles - 1; c >= 0; --c) {
     const int t0 = w.t_begin + c * kChunk, count = min(kChunk, w.t_end - t0);
@@ -297,8 +346,8 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(Params p) {
     load8(dout, w.active ? count : 0, aligned, gk);  // inactive lanes: no gradient flows
     if (z) load8(z, count, aligned, zk);
     discretize(p, bias, dk, dt, dsp);
-    if (!p.B_fixed) stage_tile<TB, P>(p, Bv, w.b, w.g, t0, count, B_tile);
-    if (!p.C_fixed) stage_tile<TB, P>(p, Cv, w.b, w.g, t0, count, C_tile);
+    if (!p.B_fixed) B_stager.stage(t0, count, B_tile);
+    if (!p.C_fixed) C_stager.stage(t0, count, C_tile);
     __syncthreads();
     // recompute the tile: hist[k] = state after step t0 + k, hist[-1] = the saved one
     float h_in[NS], hist[kChunk][NS], decay[kChunk][NS], y[kChunk];
@@ -306,14 +355,14 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(Params p) {
 #pragma unroll
     for (int k = 0; k < kChunk; ++k) {
       const float x = dt[k] * uk[k] * p.b_scale;
-      float acc = 0.f;
+      float Bk[NS], Ck[NS], acc = 0.f;
+      state_row<NS, P>(p.B_fixed, Bf, B_tile, k, n0, Bk);
+      state_row<NS, P>(p.C_fixed, Cf, C_tile, k, n0, Ck);
 #pragma unroll
       for (int i = 0; i < NS; ++i) {
-        const float Bk = p.B_fixed ? Bf[i] : B_tile[k * P + n0 + i];
-        const float Ck = p.C_fixed ? Cf[i] : C_tile[k * P + n0 + i];
-        decay[k][i] = exp2f(dt[k] * A2[i]);
-        hist[k][i] = decay[k][i] * (k == 0 ? h_in[i] : hist[k - 1][i]) + x * Bk;
-        acc += hist[k][i] * Ck;
+        decay[k][i] = exp2_approx(dt[k] * A2[i]);
+        hist[k][i] = decay[k][i] * (k == 0 ? h_in[i] : hist[k - 1][i]) + x * Bk[i];
+        acc += hist[k][i] * Ck[i];
       }
       y[k] = z ? channel_sum<S>(acc) * p.c_scale + D * uk[k] : 0.f;
     }
@@ -332,17 +381,17 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(Params p) {
       }
       dD += dy * uk[k];
       const float dyc = dy * p.c_scale, dtu = dt[k] * uk[k] * p.b_scale;
-      float s_decayed = 0.f, s_input = 0.f, v[V];
+      float s_decayed = 0.f, s_input = 0.f, v[V], Bk[NS], Ck[NS];
+      state_row<NS, P>(p.B_fixed, Bf, B_tile, k, n0, Bk);
+      state_row<NS, P>(p.C_fixed, Cf, C_tile, k, n0, Ck);
 #pragma unroll
       for (int i = 0; i < NS; ++i) {
-        const float Bk = p.B_fixed ? Bf[i] : B_tile[k * P + n0 + i];
-        const float Ck = p.C_fixed ? Cf[i] : C_tile[k * P + n0 + i];
-        const float gn = adj[i] + dyc * Ck;
+        const float gn = adj[i] + dyc * Ck[i];
         const float prev = k == 0 ? h_in[i] : hist[k - 1][i];
         const float gah = gn * (decay[k][i] * prev);  // a_t h_{t-1} as a product (strong decay)
         dA[i] += gah * dt[k];
         s_decayed += gah * A[i];
-        s_input += gn * Bk;
+        s_input += gn * Bk[i];
         v[i] = gn * dtu;               // dB
         v[NS + i] = dyc * hist[k][i];  // dC
         adj[i] = gn * decay[k][i];
