@@ -211,7 +211,7 @@ def _write(out_dir, compiled, cfg, n_saved):
         hbm, l2 = traffic(role, batch, dim, seqlen, d_state, itemsize, cfg["fixed_bc"], n_saved)
         loop_trips = [triton.cdiv(seqlen, bound["LANES"] * bound["ITEMS"]), d_state] if "LANES" in bound else 1
         grid = launch["grid"]
-        record = dict(kernel=name, kind=kind, **cfg, grid=grid,
+        record = dict(kernel=name, kind=kind.split("_")[0], **cfg, grid=grid,
                       ctas=grid[0] * grid[1] * grid[2], num_warps=launch["num_warps"],
                       shared_bytes=launch["kernel"].metadata.shared, res_usage=res_usage, loop_trips=loop_trips,
                       es_total=bound["numel"] if "numel" in bound else batch * dim * seqlen * d_state,
@@ -248,23 +248,30 @@ def compile_cuda(out_dir, *, batch, dim, seqlen, d_state, dtype, arch, nvcc):
     states = batch * dim * -(-seqlen // 8) * d_state * 4
     layout = cuda_layout(dim, 1, d_state)
     records = []
-    for kind in ("fwd", "bwd"):
-        slices, blocks = layout[kind]
+    for kind in ("fwd", "bwd", "fwd_segmented"):
+        slices, blocks = layout["bwd" if kind == "bwd" else "fwd"]
         name = f"cuda_scan_{kind}"
         stem = os.path.join(out_dir, name)
         subprocess.run([nvcc, f"-arch=sm_{arch}", "-cubin", "-O3", "-lineinfo", f"-DSSMK_BACKWARD={int(kind == 'bwd')}",
-                        f"-DSSMK_T={CUDA_TYPES[dtype]}", f"-DSSMK_N={d_state}", "-o", stem + ".cubin", CUDA_SOURCE],
-                       check=True)
+                        f"-DSSMK_SEGMENTED={int(kind == 'fwd_segmented')}", f"-DSSMK_T={CUDA_TYPES[dtype]}",
+                        f"-DSSMK_N={d_state}", "-o", stem + ".cubin", CUDA_SOURCE], check=True)
         res_usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", stem + ".cubin"],
                                    capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1].strip()
         smem = int(re.search(r"SHARED:(\d+)", res_usage).group(1)) if "SHARED:" in res_usage else 0
-        if kind == "fwd":  # u, delta, z, B, C in; out, states out
+        ctas, trips = batch * blocks, -(-seqlen // 8)
+        if kind == "fwd_segmented":  # a warp per channel, passes of 8 * 32 / slices steps, states every 128
+            # two sibling loops: the general path (the last pass; the larger loop, listed first) and the
+            # whole passes, which run all the others
+            ctas, whole = -(-batch * dim // 4), seqlen // (8 * 32 // slices)
+            trips = [1, whole]
+            hbm = 4 * act + bc + states // 16
+        elif kind == "fwd":  # u, delta, z, B, C in; out, states out
             hbm = 4 * act + bc + states
         else:  # u, delta, z, dout, B, C, states in; du, ddelta, dz, dB/dC partials out
             hbm = 7 * act + bc + states + 2 * blocks * batch * d_state * seqlen * 4
-        record = dict(kernel=name, kind=kind, arch=arch, dtype=dtype, batch=batch, dim=dim, seqlen=seqlen,
-                      d_state=d_state, ctas=batch * blocks, num_warps=4, shared_bytes=smem, res_usage=res_usage,
-                      loop_trips=-(-seqlen // 8), es_total=batch * dim * seqlen * d_state, hbm_bytes=hbm,
+        record = dict(kernel=name, kind=kind.split("_")[0], arch=arch, dtype=dtype, batch=batch, dim=dim, seqlen=seqlen,
+                      d_state=d_state, ctas=ctas, num_warps=4, shared_bytes=smem, res_usage=res_usage,
+                      loop_trips=trips, es_total=batch * dim * seqlen * d_state, hbm_bytes=hbm,
                       threads_per_channel=slices)
         with open(stem + ".json", "w") as f:
             json.dump(record, f, indent=1)

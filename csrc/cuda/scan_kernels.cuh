@@ -450,5 +450,181 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(Params p) {
   }
 }
 
+// Forward, time-parallel (the design csrc/README.md sketches; in progress, forward only): a warp
+// is one channel; lane = slice * K + segment, K = 32 / S segments of 8 consecutive steps, so a pass
+// covers K * 8 steps. Pass 1 runs each segment from zero, keeping decays and x B in registers;
+// a scan over the segment lanes and the carry give each segment its incoming state; pass 2 reruns
+// the segment from it for y. Saves the state every kSegmentedChunk steps.
+constexpr int kSegmentedChunk = 128;
+
+// What a lane of the time-parallel forward works on: its channel's rows and constants
+template <typename T, typename TB, int NS>
+struct SegmentLane {
+  int seg, slice, n0, t_end;
+  int64_t row;
+  const T *u, *delta, *z;
+  T* out;
+  const TB *B, *C;  // this lane's first state row of variable B/C
+  float A2[NS], Bf[NS], Cf[NS], D, bias;
+};
+
+template <typename T, typename TB, int NS, int S, bool kPadded, bool kWhole>
+__device__ __forceinline__ void segmented_pass(const Params& p, const SegmentLane<T, TB, NS>& l, int base,
+                                               float (&carry)[NS]) {
+  const int seg = l.seg, slice = l.slice, n0 = l.n0, t_end = l.t_end;
+  const int64_t row = l.row;
+  const T *u = l.u, *delta = l.delta, *z = l.z;
+  T* out = l.out;
+  const TB *Bv = l.B, *Cv = l.C;
+  const auto &A2 = l.A2, &Bf = l.Bf, &Cf = l.Cf;
+  const float D = l.D, bias = l.bias;
+  constexpr int K = 32 / S;
+  const int N = p.d_state;
+  const int t0 = base + seg * kChunk;
+  // whole, aligned passes (all but the last, when L and the start are multiples of 8) take only
+  // the vector loads; without padding states (kPadded false) every state row is loaded whole
+  const int count = kWhole ? kChunk : max(0, min(kChunk, t_end - t0));
+  const bool aligned = kWhole || ((row + t0) % kChunk) == 0;
+  float uk[kChunk], dk[kChunk], zk[kChunk], dt[kChunk], dsp[kChunk], x[kChunk];
+  load8(u + t0, count, aligned, uk);
+  load8(delta + t0, count, aligned, dk);
+  if (z) load8(z + t0, count, aligned, zk);
+  discretize(p, bias, dk, dt, dsp);
+#pragma unroll
+  for (int k = 0; k < kChunk; ++k) x[k] = dt[k] * uk[k] * p.b_scale;
+  // pass 1: the segment from zero; steps past the end are the identity
+  float decay[NS][kChunk], xb[NS][kChunk], local[NS], prod[NS];
+#pragma unroll
+  for (int i = 0; i < NS; ++i) {
+    float Bi[kChunk];
+    if (p.B_fixed) {
+#pragma unroll
+      for (int k = 0; k < kChunk; ++k) Bi[k] = Bf[i];
+    } else {
+      load8(Bv + (int64_t)i * p.seqlen + t0, (!kPadded || n0 + i < N) ? count : 0, aligned, Bi);
+    }
+    float h = 0.f, a_all = 1.f;
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      const bool live = k < count;
+      decay[i][k] = live ? exp2_approx(dt[k] * A2[i]) : 1.f;
+      xb[i][k] = live ? x[k] * Bi[k] : 0.f;
+      h = decay[i][k] * h + xb[i][k];
+      a_all *= decay[i][k];
+    }
+    local[i] = h;
+    prod[i] = a_all;
+  }
+  // inclusive scan of (prod, local) over the segments, then each segment's incoming state
+#pragma unroll
+  for (int off = 1; off < K; off <<= 1) {
+#pragma unroll
+    for (int i = 0; i < NS; ++i) {
+      const float pp = __shfl_up_sync(kFull, prod[i], off, K), hp = __shfl_up_sync(kFull, local[i], off, K);
+      if (seg >= off) {
+        local[i] = prod[i] * hp + local[i];
+        prod[i] *= pp;
+      }
+    }
+  }
+  float h_start[NS];
+#pragma unroll
+  for (int i = 0; i < NS; ++i) {
+    const float pe = __shfl_up_sync(kFull, prod[i], 1, K), he = __shfl_up_sync(kFull, local[i], 1, K);
+    h_start[i] = seg == 0 ? carry[i] : pe * carry[i] + he;
+    carry[i] = __shfl_sync(kFull, prod[i] * carry[i] + local[i], K - 1, K);
+  }
+  // pass 2: y from the true incoming state
+  float y[kChunk];
+#pragma unroll
+  for (int k = 0; k < kChunk; ++k) y[k] = 0.f;
+#pragma unroll
+  for (int i = 0; i < NS; ++i) {
+    float Ci[kChunk];
+    if (p.C_fixed) {
+#pragma unroll
+      for (int k = 0; k < kChunk; ++k) Ci[k] = Cf[i];
+    } else {
+      load8(Cv + (int64_t)i * p.seqlen + t0, (!kPadded || n0 + i < N) ? count : 0, aligned, Ci);
+    }
+    float h = h_start[i];
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      h = decay[i][k] * h + xb[i][k];
+      y[k] += h * Ci[k];
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kChunk; ++k) {
+#pragma unroll
+    for (int m = K; m < 32; m <<= 1) y[k] += __shfl_xor_sync(kFull, y[k], m);
+    y[k] = y[k] * p.c_scale + D * uk[k];
+    if (z) y[k] *= zk[k] * sigmoid(zk[k]);
+  }
+  if (slice == 0) store8(out + t0, count, aligned, y);
+}
+
+template <typename T, typename TB, int NS, int S, bool kPadded>  // kPadded: d_state < NS * S
+__global__ void __launch_bounds__(kThreads) scan_fwd_segmented_kernel(Params p) {
+  constexpr int K = 32 / S, kSpan = K * kChunk;
+  static_assert(kSegmentedChunk % kSpan == 0, "a pass must not straddle a saved state");
+  const int channel = blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
+  const int seq = channel / p.dim, d = channel % p.dim;
+  if (seq >= p.n_seqs) return;  // a whole warp: no shuffle partner left behind
+  const int lane = threadIdx.x % 32, slice = lane / K, seg = lane % K, n0 = slice * NS, N = p.d_state;
+  const int g = d / (p.dim / p.groups);
+  const int b = static_cast<int>(p.seqs[seq]), t_begin = static_cast<int>(p.seqs[p.n_seqs + seq]);
+  const int t_end = static_cast<int>(p.seqs[2 * p.n_seqs + seq]), slot = static_cast<int>(p.seqs[3 * p.n_seqs + seq]);
+  SegmentLane<T, TB, NS> l;
+  l.seg = seg;
+  l.slice = slice;
+  l.n0 = n0;
+  l.t_end = t_end;
+  l.row = ((int64_t)b * p.dim + d) * p.seqlen;
+  l.u = static_cast<const T*>(p.u) + l.row;
+  l.delta = static_cast<const T*>(p.delta) + l.row;
+  l.z = p.z ? static_cast<const T*>(p.z) + l.row : nullptr;
+  l.out = static_cast<T*>(p.out) + l.row;
+  l.B = static_cast<const TB*>(p.B) + ((int64_t)(b * p.groups + g) * N + n0) * p.seqlen;
+  l.C = static_cast<const TB*>(p.C) + ((int64_t)(b * p.groups + g) * N + n0) * p.seqlen;
+  float carry[NS];
+  const int64_t srow = (int64_t)seq * p.dim + d;
+#pragma unroll
+  for (int i = 0; i < NS; ++i) {
+    const bool ok = n0 + i < N;
+    l.A2[i] = ok ? p.A[d * N + n0 + i] * kLog2e : 0.f;
+    l.Bf[i] = (ok && p.B_fixed) ? static_cast<const float*>(p.B)[d * N + n0 + i] : 0.f;
+    l.Cf[i] = (ok && p.C_fixed) ? static_cast<const float*>(p.C)[d * N + n0 + i] : 0.f;
+    carry[i] = (ok && p.h0) ? p.h0[srow * N + n0 + i] : 0.f;
+  }
+  l.D = p.D ? p.D[d] : 0.f;
+  l.bias = p.bias ? p.bias[d] : 0.f;
+  float* states = p.states + (((int64_t)b * p.dim + d) * p.n_slots + slot) * N;
+  auto save_state = [&](int base) {
+    if ((base - t_begin) % kSegmentedChunk != 0) return;
+    if (seg == 0)
+#pragma unroll
+      for (int i = 0; i < NS; ++i)
+        if (n0 + i < N) states[n0 + i] = carry[i];
+    states += N;
+  };
+  int base = t_begin;
+  // whole passes of a row whose start is 8-aligned take only vector loads; the rest (the last
+  // pass, or a packed sequence at an odd start) the general path, in a loop of its own
+  if ((l.row + t_begin) % kChunk == 0)
+    for (; base + kSpan <= t_end; base += kSpan) {
+      save_state(base);
+      segmented_pass<T, TB, NS, S, kPadded, true>(p, l, base, carry);
+    }
+  for (; base < t_end; base += kSpan) {
+    save_state(base);
+    segmented_pass<T, TB, NS, S, kPadded, false>(p, l, base, carry);
+  }
+  if (seg == 0)
+#pragma unroll
+    for (int i = 0; i < NS; ++i)
+      if (n0 + i < N) p.last[srow * N + n0 + i] = carry[i];
+}
+
 }  // namespace cuda
 }  // namespace ssm_kernels
