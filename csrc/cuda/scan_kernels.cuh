@@ -457,6 +457,18 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(Params p) {
 // the segment from it for y. Saves the state every kSegmentedChunk steps.
 constexpr int kSegmentedChunk = 128;
 
+// dt for M steps (the forward's share of a segment)
+template <int M>
+__device__ __forceinline__ void discretize_steps(const Params& p, float bias, const float (&delta)[M], float (&dt)[M],
+                                                 float (&dsp)[M]) {
+#pragma unroll
+  for (int k = 0; k < M; ++k) {
+    const float pre = delta[k] * p.dt_scale + bias;
+    dt[k] = p.softplus ? softplus(pre) : pre;
+    dsp[k] = (p.softplus && pre <= 20.f) ? sigmoid(pre) : 1.f;
+  }
+}
+
 // What a lane of the time-parallel forward works on: its channel's rows and constants
 template <typename T, typename TB, int NS>
 struct SegmentLane {
@@ -468,7 +480,7 @@ struct SegmentLane {
   float A2[NS], Bf[NS], Cf[NS], D, bias;
 };
 
-template <typename T, typename TB, int NS, int S, bool kPadded, bool kWhole>
+template <typename T, typename TB, int NS, int S, bool kPadded, bool kBFixed, bool kCFixed, bool kWhole>
 __device__ __forceinline__ void segmented_pass(const Params& p, const SegmentLane<T, TB, NS>& l, int base,
                                                float (&carry)[NS]) {
   const int seg = l.seg, slice = l.slice, n0 = l.n0, t_end = l.t_end;
@@ -489,31 +501,50 @@ __device__ __forceinline__ void segmented_pass(const Params& p, const SegmentLan
   load8(u + t0, count, aligned, uk);
   load8(delta + t0, count, aligned, dk);
   if (z) load8(z + t0, count, aligned, zk);
-  discretize(p, bias, dk, dt, dsp);
+  // the S lanes of a segment share the per-step work: each discretizes M = 8 / S of the steps,
+  // then they swap the results
+  constexpr int M = kChunk / S;
+  static_assert(kChunk % S == 0, "the per-step split needs S <= 8");
+  {
+    float mine[M], mine_dsp[M], part_delta[M];
+#pragma unroll
+    for (int j = 0; j < M; ++j) {  // dk[slice * M + j] with static indices (registers, not local memory)
+      part_delta[j] = dk[j];
+#pragma unroll
+      for (int q = 1; q < S; ++q) part_delta[j] = slice == q ? dk[q * M + j] : part_delta[j];
+    }
+    discretize_steps<M>(p, bias, part_delta, mine, mine_dsp);
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) dt[k] = __shfl_sync(kFull, mine[k % M], (k / M) * K + seg);
+  }
+  (void)dsp;
 #pragma unroll
   for (int k = 0; k < kChunk; ++k) x[k] = dt[k] * uk[k] * p.b_scale;
-  // pass 1: the segment from zero; steps past the end are the identity
+  // pass 1: the segment from zero; steps past the end are the identity. The segment's decay
+  // product is one exp2 of A times its summed dt, not an FMUL per element-state.
+  float dt_sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < kChunk; ++k) dt_sum += k < count ? dt[k] : 0.f;
   float decay[NS][kChunk], xb[NS][kChunk], local[NS], prod[NS];
 #pragma unroll
   for (int i = 0; i < NS; ++i) {
     float Bi[kChunk];
-    if (p.B_fixed) {
+    if (kBFixed) {
 #pragma unroll
       for (int k = 0; k < kChunk; ++k) Bi[k] = Bf[i];
     } else {
       load8(Bv + (int64_t)i * p.seqlen + t0, (!kPadded || n0 + i < N) ? count : 0, aligned, Bi);
     }
-    float h = 0.f, a_all = 1.f;
+    float h = 0.f;
 #pragma unroll
     for (int k = 0; k < kChunk; ++k) {
       const bool live = k < count;
       decay[i][k] = live ? exp2_approx(dt[k] * A2[i]) : 1.f;
       xb[i][k] = live ? x[k] * Bi[k] : 0.f;
       h = decay[i][k] * h + xb[i][k];
-      a_all *= decay[i][k];
     }
     local[i] = h;
-    prod[i] = a_all;
+    prod[i] = exp2_approx(dt_sum * A2[i]);
   }
   // inclusive scan of (prod, local) over the segments, then each segment's incoming state
 #pragma unroll
@@ -521,10 +552,10 @@ __device__ __forceinline__ void segmented_pass(const Params& p, const SegmentLan
 #pragma unroll
     for (int i = 0; i < NS; ++i) {
       const float pp = __shfl_up_sync(kFull, prod[i], off, K), hp = __shfl_up_sync(kFull, local[i], off, K);
-      if (seg >= off) {
-        local[i] = prod[i] * hp + local[i];
-        prod[i] *= pp;
-      }
+      const bool take = seg >= off;  // selects, not a predicated block
+      const float joined = prod[i] * hp + local[i], joined_prod = prod[i] * pp;
+      local[i] = take ? joined : local[i];
+      prod[i] = take ? joined_prod : prod[i];
     }
   }
   float h_start[NS];
@@ -541,7 +572,7 @@ __device__ __forceinline__ void segmented_pass(const Params& p, const SegmentLan
 #pragma unroll
   for (int i = 0; i < NS; ++i) {
     float Ci[kChunk];
-    if (p.C_fixed) {
+    if (kCFixed) {
 #pragma unroll
       for (int k = 0; k < kChunk; ++k) Ci[k] = Cf[i];
     } else {
@@ -564,7 +595,8 @@ __device__ __forceinline__ void segmented_pass(const Params& p, const SegmentLan
   if (slice == 0) store8(out + t0, count, aligned, y);
 }
 
-template <typename T, typename TB, int NS, int S, bool kPadded>  // kPadded: d_state < NS * S
+// kPadded: d_state < NS * S; kBFixed / kCFixed: fixed (dim, N) B / C
+template <typename T, typename TB, int NS, int S, bool kPadded, bool kBFixed, bool kCFixed>
 __global__ void __launch_bounds__(kThreads) scan_fwd_segmented_kernel(Params p) {
   constexpr int K = 32 / S, kSpan = K * kChunk;
   static_assert(kSegmentedChunk % kSpan == 0, "a pass must not straddle a saved state");
@@ -593,8 +625,8 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_segmented_kernel(Params p) 
   for (int i = 0; i < NS; ++i) {
     const bool ok = n0 + i < N;
     l.A2[i] = ok ? p.A[d * N + n0 + i] * kLog2e : 0.f;
-    l.Bf[i] = (ok && p.B_fixed) ? static_cast<const float*>(p.B)[d * N + n0 + i] : 0.f;
-    l.Cf[i] = (ok && p.C_fixed) ? static_cast<const float*>(p.C)[d * N + n0 + i] : 0.f;
+    l.Bf[i] = (ok && kBFixed) ? static_cast<const float*>(p.B)[d * N + n0 + i] : 0.f;
+    l.Cf[i] = (ok && kCFixed) ? static_cast<const float*>(p.C)[d * N + n0 + i] : 0.f;
     carry[i] = (ok && p.h0) ? p.h0[srow * N + n0 + i] : 0.f;
   }
   l.D = p.D ? p.D[d] : 0.f;
@@ -614,11 +646,11 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_segmented_kernel(Params p) 
   if ((l.row + t_begin) % kChunk == 0)
     for (; base + kSpan <= t_end; base += kSpan) {
       save_state(base);
-      segmented_pass<T, TB, NS, S, kPadded, true>(p, l, base, carry);
+      segmented_pass<T, TB, NS, S, kPadded, kBFixed, kCFixed, true>(p, l, base, carry);
     }
   for (; base < t_end; base += kSpan) {
     save_state(base);
-    segmented_pass<T, TB, NS, S, kPadded, false>(p, l, base, carry);
+    segmented_pass<T, TB, NS, S, kPadded, kBFixed, kCFixed, false>(p, l, base, carry);
   }
   if (seg == 0)
 #pragma unroll

@@ -17,7 +17,7 @@ namespace cuda {
 #if SSMK_BACKWARD
 template __global__ void scan_bwd_kernel<SSMK_T, SSMK_T, 4, bwd_slices(SSMK_N)>(Params);
 #elif SSMK_SEGMENTED
-template __global__ void scan_fwd_segmented_kernel<SSMK_T, SSMK_T, SSMK_NS, (SSMK_N + SSMK_NS - 1) / SSMK_NS, (SSMK_N % SSMK_NS != 0)>(Params);
+template __global__ void scan_fwd_segmented_kernel<SSMK_T, SSMK_T, SSMK_NS, (SSMK_N + SSMK_NS - 1) / SSMK_NS, (SSMK_N % SSMK_NS != 0), false, false>(Params);
 #else
 template __global__ void scan_fwd_kernel<SSMK_T, SSMK_T, 8, fwd_slices(SSMK_N)>(Params);
 #endif
