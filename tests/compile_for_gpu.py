@@ -211,7 +211,7 @@ def _write(out_dir, compiled, cfg, n_saved):
         hbm, l2 = traffic(role, batch, dim, seqlen, d_state, itemsize, cfg["fixed_bc"], n_saved)
         loop_trips = [triton.cdiv(seqlen, bound["LANES"] * bound["ITEMS"]), d_state] if "LANES" in bound else 1
         grid = launch["grid"]
-        record = dict(kernel=name, kind=kind.split("_")[0], **cfg, grid=grid,
+        record = dict(kernel=name, kind=kind, **cfg, grid=grid,
                       ctas=grid[0] * grid[1] * grid[2], num_warps=launch["num_warps"],
                       shared_bytes=launch["kernel"].metadata.shared, res_usage=res_usage, loop_trips=loop_trips,
                       es_total=bound["numel"] if "numel" in bound else batch * dim * seqlen * d_state,

@@ -99,7 +99,7 @@ inline double log_lanes(double x) { return log_from_one<double, uint64_t, 52, 10
 
 template <typename R> inline R sigmoid_lanes(R x) { return R(1) / (R(1) + exp_lanes(-x)); }
 
-// dt and d dt / d pre-activation for `count` steps, vectorized over the steps. softplus(x) =
+// dt and (dsp not null: the backward) d dt / d pre-activation for `count` steps, vectorized over the steps. softplus(x) =
 // log1p(e^x) for x <= 20 (else x), log1p(e) = log(w) - ((w - 1) - e) / w with w = 1 + e (exact
 // for tiny e, where w rounds to 1). Two loops: one would be too many selects to vectorize.
 template <typename R>
@@ -107,10 +107,9 @@ inline void discretize(const ScanArgs<R>& a, const R* __restrict delta, R bias, 
                        R* __restrict dsp) {
   const R scale = a.dt_scale;
   if (!a.softplus) {
-    for (int64_t k = 0; k < count; ++k) {
-      dt[k] = delta[k] * scale + bias;
-      dsp[k] = R(1);
-    }
+    for (int64_t k = 0; k < count; ++k) dt[k] = delta[k] * scale + bias;
+    if (dsp)
+      for (int64_t k = 0; k < count; ++k) dsp[k] = R(1);
     return;
   }
 #pragma GCC ivdep
@@ -120,6 +119,7 @@ inline void discretize(const ScanArgs<R>& a, const R* __restrict delta, R bias, 
     const R log1p_e = log_lanes(w) - ((w - R(1)) - e) / w;
     dt[k] = pre > R(20) ? pre : log1p_e;
   }
+  if (!dsp) return;
 #pragma GCC ivdep
   for (int64_t k = 0; k < count; ++k) {
     const R pre = delta[k] * scale + bias;
@@ -201,14 +201,13 @@ void forward_task(const ScanArgs<R>& a, int64_t task, R* scratch) {
   R* h = scratch;
   load_state(h, a.h0 ? a.h0 + (ch.seq * a.dim + ch.d) * N : nullptr, N, P);
   R* states = a.states + ((ch.b * a.dim + ch.d) * a.n_slots + ch.slot) * N;
-  R* dts = h + P;             // the chunk's dt, d dt/d pre, sigmoid(z): T each
-  R* dsps = dts + a.chunk;
-  R* sigs = dsps + a.chunk;
+  R* dts = h + P;             // the chunk's dt and sigmoid(z): T each
+  R* sigs = dts + a.chunk;
   for (int64_t t0 = ch.t_begin; t0 < ch.t_end; t0 += a.chunk) {
     const int64_t steps = t0 + a.chunk < ch.t_end ? a.chunk : ch.t_end - t0;
     store_state(states, h, N);
     states += N;
-    discretize(a, a.delta + row + t0, bias, steps, dts, dsps);
+    discretize(a, a.delta + row + t0, bias, steps, dts, static_cast<R*>(nullptr));
     if (a.z) gate_sigmoid(a.z + row + t0, steps, sigs);
     for (int64_t k = 0; k < steps; ++k) {
       const int64_t t = t0 + k;

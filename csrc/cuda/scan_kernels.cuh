@@ -193,11 +193,12 @@ __device__ __forceinline__ float softplus(float x) {
 }
 __device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + exp_approx(-x)); }
 
-// dt and d dt / d pre-activation for a tile
-__device__ __forceinline__ void discretize(const Params& p, float bias, const float (&delta)[kChunk],
-                                           float (&dt)[kChunk], float (&dsp)[kChunk]) {
+// dt and d dt / d pre-activation for M steps (a tile, or a lane's share of one)
+template <int M>
+__device__ __forceinline__ void discretize(const Params& p, float bias, const float (&delta)[M], float (&dt)[M],
+                                           float (&dsp)[M]) {
 #pragma unroll
-  for (int k = 0; k < kChunk; ++k) {
+  for (int k = 0; k < M; ++k) {
     const float pre = delta[k] * p.dt_scale + bias;
     dt[k] = p.softplus ? softplus(pre) : pre;
     dsp[k] = (p.softplus && pre <= 20.f) ? sigmoid(pre) : 1.f;
@@ -457,15 +458,15 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(Params p) {
 // the segment from it for y. Saves the state every kSegmentedChunk steps.
 constexpr int kSegmentedChunk = 128;
 
-// dt for M steps (the forward's share of a segment)
-template <int M>
-__device__ __forceinline__ void discretize_steps(const Params& p, float bias, const float (&delta)[M], float (&dt)[M],
-                                                 float (&dsp)[M]) {
+// state i's B (or C) over a lane's 8 steps: the fixed value, or its row of the variable tensor
+template <bool kFixed, bool kPadded, typename TB, int NS>
+__device__ __forceinline__ void steps_of_state(const float (&fixed)[NS], const TB* rows, int64_t stride, int i,
+                                               bool valid, int count, bool aligned, float (&out)[kChunk]) {
+  if (kFixed) {
 #pragma unroll
-  for (int k = 0; k < M; ++k) {
-    const float pre = delta[k] * p.dt_scale + bias;
-    dt[k] = p.softplus ? softplus(pre) : pre;
-    dsp[k] = (p.softplus && pre <= 20.f) ? sigmoid(pre) : 1.f;
+    for (int k = 0; k < kChunk; ++k) out[k] = fixed[i];
+  } else {
+    load8(rows + (int64_t)i * stride, (!kPadded || valid) ? count : 0, aligned, out);
   }
 }
 
@@ -497,7 +498,7 @@ __device__ __forceinline__ void segmented_pass(const Params& p, const SegmentLan
   // the vector loads; without padding states (kPadded false) every state row is loaded whole
   const int count = kWhole ? kChunk : max(0, min(kChunk, t_end - t0));
   const bool aligned = kWhole || ((row + t0) % kChunk) == 0;
-  float uk[kChunk], dk[kChunk], zk[kChunk], dt[kChunk], dsp[kChunk], x[kChunk];
+  float uk[kChunk], dk[kChunk], zk[kChunk], dt[kChunk], x[kChunk];
   load8(u + t0, count, aligned, uk);
   load8(delta + t0, count, aligned, dk);
   if (z) load8(z + t0, count, aligned, zk);
@@ -513,11 +514,10 @@ __device__ __forceinline__ void segmented_pass(const Params& p, const SegmentLan
 #pragma unroll
       for (int q = 1; q < S; ++q) part_delta[j] = slice == q ? dk[q * M + j] : part_delta[j];
     }
-    discretize_steps<M>(p, bias, part_delta, mine, mine_dsp);
+    discretize<M>(p, bias, part_delta, mine, mine_dsp);  // the forward has no use for dsp: compiled out
 #pragma unroll
     for (int k = 0; k < kChunk; ++k) dt[k] = __shfl_sync(kFull, mine[k % M], (k / M) * K + seg);
   }
-  (void)dsp;
 #pragma unroll
   for (int k = 0; k < kChunk; ++k) x[k] = dt[k] * uk[k] * p.b_scale;
   // pass 1: the segment from zero; steps past the end are the identity. The segment's decay
@@ -529,12 +529,7 @@ __device__ __forceinline__ void segmented_pass(const Params& p, const SegmentLan
 #pragma unroll
   for (int i = 0; i < NS; ++i) {
     float Bi[kChunk];
-    if (kBFixed) {
-#pragma unroll
-      for (int k = 0; k < kChunk; ++k) Bi[k] = Bf[i];
-    } else {
-      load8(Bv + (int64_t)i * p.seqlen + t0, (!kPadded || n0 + i < N) ? count : 0, aligned, Bi);
-    }
+    steps_of_state<kBFixed, kPadded>(Bf, Bv + t0, p.seqlen, i, n0 + i < N, count, aligned, Bi);
     float h = 0.f;
 #pragma unroll
     for (int k = 0; k < kChunk; ++k) {
@@ -572,12 +567,7 @@ __device__ __forceinline__ void segmented_pass(const Params& p, const SegmentLan
 #pragma unroll
   for (int i = 0; i < NS; ++i) {
     float Ci[kChunk];
-    if (kCFixed) {
-#pragma unroll
-      for (int k = 0; k < kChunk; ++k) Ci[k] = Cf[i];
-    } else {
-      load8(Cv + (int64_t)i * p.seqlen + t0, (!kPadded || n0 + i < N) ? count : 0, aligned, Ci);
-    }
+    steps_of_state<kCFixed, kPadded>(Cf, Cv + t0, p.seqlen, i, n0 + i < N, count, aligned, Ci);
     float h = h_start[i];
 #pragma unroll
     for (int k = 0; k < kChunk; ++k) {

@@ -8,6 +8,8 @@ float64); float16/bfloat16 activations are converted on the way in and out, a pa
 little beside the scan's d_state-times-larger work.
 """
 
+import functools
+
 import torch
 
 from ..utils import new_buffer
@@ -18,7 +20,10 @@ LANE_BYTES = 64  # the kernels' state loops run over whole 64-byte vectors
 MAX_BLOCKS = 8  # backward tasks per (sequence, group): the variable dB/dC partials kept
 
 
+@functools.lru_cache(maxsize=None)
 def _extension():
+    """(ssm_kernels._C, None), or (None, the ImportError); tried once, since the default backend
+    asks on every CPU call and a failing import searches the file system each time."""
     try:
         from ... import _C
     except ImportError as e:
@@ -66,7 +71,7 @@ class _Inputs:
 
     def __init__(self, u, delta, A, B, C, D, z, delta_bias, acc, cu_seqlens, chunk):
         batch, dim, seqlen = u.shape
-        self.acc, self.N = acc, A.shape[1]
+        self.N = A.shape[1]
         self.P = _padded(self.N, acc)
 
         def act(t):
