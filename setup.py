@@ -57,8 +57,12 @@ setup(
         # matplotlib draws `python -m ssm_kernels.bench plot`; the tests draw one.
         "plot": ["matplotlib>=3.5"],
         # setuptools >= 70.1 builds csrc/ editable without the wheel package (README's test command
-        # builds it with --no-build-isolation, so the venv's own setuptools is the one that runs)
-        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5", "setuptools>=70.1"],
+        # builds it with --no-build-isolation, so the venv's own setuptools is the one that runs).
+        # transformers: the integration tests (its Mamba modules as of 5.24 are what we patch);
+        # einops: mamba_ssm's modules, which README's test command installs without its CUDA build.
+        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5", "setuptools>=70.1",
+                 "transformers>=5.24,<6", "einops"],
+        "transformers": ["transformers>=5.24,<6"],
         "conv": ["causal-conv1d>=1.4"],
     },
     ext_modules=ext_modules,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ssm_kernels.check import TOLERANCE, relative_error
-from ssm_kernels.modules import Mamba, MambaLM, causal_conv1d, mamba_inner_fn
+from ssm_kernels.modules import Mamba, MambaLM, causal_conv1d, causal_conv1d_update, mamba_inner_fn
 
 
 def reference_conv(x, weight, bias):
@@ -150,6 +150,64 @@ def test_mamba_inner_fn_with_fixed_B_and_proj_biases():
     from ssm_kernels import selective_scan_ref
     y = selective_scan_ref(x, delta, args["A"], fixed_B, C, z=z, delta_softplus=True)
     torch.testing.assert_close(out, y.transpose(1, 2) @ args["out_proj_weight"].t(), rtol=1e-10, atol=1e-12)
+
+
+def test_mamba_inner_fn_rms_weights_mean_what_mamba_ssm_means():
+    """FalconMamba's norms as mamba_ssm applies them: B and C (d_state,) over the states, delta
+    (d_inner,) over d_inner after dt_proj and before delta_bias; every gradient against float64
+    by hand, weights that are not ones; a (dt_rank,) dt weight is refused, not reinterpreted."""
+    torch.manual_seed(5)
+    d, N, r, L = 8, 3, 2, 11
+    xz = torch.randn(2, 2 * d, L, dtype=torch.float64, requires_grad=True)
+    w = dict(conv1d_weight=torch.randn(d, 1, 4, dtype=torch.float64), conv1d_bias=torch.randn(d, dtype=torch.float64),
+             x_proj_weight=torch.randn(r + 2 * N, d, dtype=torch.float64) / 3,
+             delta_proj_weight=torch.randn(d, r, dtype=torch.float64),
+             out_proj_weight=torch.randn(5, d, dtype=torch.float64), out_proj_bias=None,
+             A=-torch.rand(d, N, dtype=torch.float64) - 0.5, D=torch.randn(d, dtype=torch.float64),
+             delta_bias=torch.randn(d, dtype=torch.float64) - 1,
+             b_rms_weight=torch.rand(N, dtype=torch.float64) + 0.5, c_rms_weight=torch.rand(N, dtype=torch.float64) + 0.5,
+             dt_rms_weight=torch.rand(d, dtype=torch.float64) + 0.5)
+    for t in w.values():
+        if t is not None:
+            t.requires_grad_()
+    eps = 1e-6
+
+    def rms(v, weight):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    x, z = xz.chunk(2, dim=1)
+    x = F.silu(reference_conv(x, w["conv1d_weight"].squeeze(1), w["conv1d_bias"]))
+    x_dbl = x.transpose(1, 2) @ w["x_proj_weight"].t()                          # (b, l, r + 2N)
+    delta = rms(x_dbl[..., :r] @ w["delta_proj_weight"].t(), w["dt_rms_weight"])  # (b, l, d): after dt_proj
+    B = rms(x_dbl[..., r:r + N], w["b_rms_weight"]).transpose(1, 2)
+    C = rms(x_dbl[..., -N:], w["c_rms_weight"]).transpose(1, 2)
+    from ssm_kernels import selective_scan_ref
+    y = selective_scan_ref(x, delta.transpose(1, 2), w["A"], B, C, w["D"], z, w["delta_bias"], delta_softplus=True)
+    want = y.transpose(1, 2) @ w["out_proj_weight"].t()
+    got = mamba_inner_fn(xz, **w, backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    leaves = [xz] + [t for t in w.values() if t is not None]
+    cot = torch.randn(want.shape, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, leaves, cot), torch.autograd.grad(want, leaves, cot)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    with pytest.raises(ValueError, match=r"dt_rms_weight: expected shape \(8,\)"):
+        mamba_inner_fn(xz, **dict(w, dt_rms_weight=torch.ones(r, dtype=torch.float64)), backend="torch")
+
+
+def test_causal_conv1d_update_continues_the_causal_conv():
+    """Token by token (and two at a time), from a conv_state of the last inputs, the outputs of the
+    full causal conv; the state ends as the last state_len inputs."""
+    torch.manual_seed(6)
+    x, w, b = torch.randn(2, 6, 9, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    full = causal_conv1d(x, w, b)
+    for state_len in (3, 4):
+        state = torch.zeros(2, 6, state_len, dtype=torch.float64)
+        outs = [causal_conv1d_update(x[..., t], state, w, b, "silu") for t in range(5)]
+        outs.append(causal_conv1d_update(x[..., 5:7], state, w, b, "silu"))
+        outs.append(causal_conv1d_update(x[..., 7:], state, w.unsqueeze(1), b, "silu"))
+        torch.testing.assert_close(torch.cat([o if o.dim() == 3 else o[..., None] for o in outs], -1), full)
+        torch.testing.assert_close(state, x[..., -state_len:])
 
 
 def test_causal_conv1d_matches_taps_and_refuses_bad_activation():

@@ -212,6 +212,65 @@ def test_keep_lr_scale_under_a_scheduler():
         sched.step()
 
 
+def test_keep_lr_scale_survives_a_failing_step_and_add_param_group():
+    """A step that raises leaves the base lr (no compounding); a group added afterwards (with or
+    without lr_scale) steps at its own scaled lr and the others keep theirs."""
+    w1, w2, w3 = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    opt = keep_lr_scale(torch.optim.SGD([{"params": [w1], "lr": 0.1 * 0.5, "lr_scale": 0.5}], lr=0.1))
+    w1.grad = torch.ones(2)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("inf in a gradient")
+    hook = opt.register_step_pre_hook(lambda *a: boom())
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="inf"):
+            opt.step()
+    hook.remove()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # the base lr, not 0.1 * 0.5 ** k
+    opt.add_param_group({"params": [w2], "lr": 0.2 * 4.0, "lr_scale": 4.0})
+    opt.add_param_group({"params": [w3]})  # no lr_scale: 1, the optimizer's default lr
+    w2.grad, w3.grad = torch.ones(2), torch.ones(2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    opt.step()
+    sched.step()
+    assert torch.allclose(-w1, torch.full((2,), 0.1 * 0.5))
+    assert torch.allclose(-w2, torch.full((2,), 0.2 * 4.0))
+    assert torch.allclose(-w3, torch.full((2,), 0.1))
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.2, 0.1])
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_tied_readout_follows_the_presets_tied_rule(preset):
+    """A tied lm_head is the embedding for init, lr and wd; the logits get presets.TIED's multiplier."""
+    from ssm_kernels.mup.presets import TIED
+    p = Parameterization(preset, "adam", 32, 8)
+    model = lm(d_model=64, d_state=8, tie=True)  # d_inner 128: 4x the base
+    p.parameterize_(model, torch.Generator().manual_seed(0))
+    assert model.lm_head.weight is model.backbone.embedding.weight
+    assert model.readout_multiplier == pytest.approx(4.0 ** TIED[preset][0])
+    assert model.backbone.embedding.weight.std().item() == pytest.approx(0.02 * p.factors("embedding", 128, 8)["init"],
+                                                                         rel=0.05)
+    groups = p.param_groups(model, lr=1.0, weight_decay=0.1)
+    tied_group = [g for g in groups if any(t is model.lm_head.weight for t in g["params"])]
+    assert len(tied_group) == 1 and tied_group[0]["roles"][0] == "embedding"
+    assert tied_group[0]["lr_scale"] == pytest.approx(p.factors("embedding", 128, 8)["lr"])
+    untied = lm(d_model=64, d_state=8, tie=False)
+    p.apply_multipliers(untied)
+    assert untied.readout_multiplier == pytest.approx(p.multipliers(128, 8)["readout"])
+
+
+def test_spectral_tied_rule_is_the_abc_image_of_its_readout():
+    """spectral's untied readout (init, mult, lr) moved by the abc symmetry onto the embedding's
+    init and lr: the same t for both, and the multiplier that results is TIED's."""
+    from ssm_kernels.mup.presets import TIED
+    for optimizer, per_lr in (("adam", 1.0), ("sgd", 2.0)):
+        table = PRESETS["spectral"][optimizer]
+        readout, embedding = table["readout"], table["embedding"]
+        t = embedding.init[0] - readout.init[0]
+        assert readout.lr[0] + per_lr * t == embedding.lr[0]
+        assert readout.mult[0] - t == TIED["spectral"][0]
+
+
 def test_init_std_follows_the_table_across_widths():
     """mup_ssm at 4x N_u and 4x N_x: the C rows' std moves by the resolved exponents."""
     p = Parameterization("mup_ssm", "adam", 64, 8)

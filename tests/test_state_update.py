@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from scan_cases import DEVICE, as_leaves, assert_matches, make_inputs
+from scan_cases import DEVICE, NEEDS_EXTENSION, as_leaves, assert_matches, make_inputs
 from ssm_kernels import selective_scan_ref, selective_state_update
 
 SCALES = dict(dt_scale=0.5, b_scale=2.0, c_scale=0.25)
@@ -91,3 +91,18 @@ def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
     if DEVICE.type != "cuda":
         with pytest.raises(ValueError, match="'triton' backend needs CUDA"):
             selective_state_update(a["state"], a["x"], a["dt"], a["A"], a["B"], a["C"], backend="triton")
+
+
+@pytest.mark.parametrize("backend", [None, "ref", pytest.param("cpp", marks=NEEDS_EXTENSION)])
+def test_cpu_backends_without_a_step_kernel_run_the_torch_path(monkeypatch, backend):
+    """One step has no compiled CPU or reference version: the CPU default (which is "cpp" when the
+    extension is built), "cpp" and "ref" take the torch path, also without Triton's interpreter."""
+    if DEVICE.type != "cpu":
+        pytest.skip("the CPU defaults")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    a = _args()
+    state = a["state"].clone()
+    out = selective_state_update(state, a["x"], a["dt"], a["A"], a["B"], a["C"], backend=backend)
+    expected_state = a["state"].clone()
+    expected = selective_state_update(expected_state, a["x"], a["dt"], a["A"], a["B"], a["C"], backend="torch")
+    assert torch.equal(out, expected) and torch.equal(state, expected_state)

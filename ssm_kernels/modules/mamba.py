@@ -3,8 +3,8 @@ scan with z gating -> out_proj) and `mamba_inner_fn`, both on `ssm_kernels.selec
 
 Parameter names, shapes and initialization follow mamba_ssm's `Mamba`, so its state dicts load.
 The width multipliers dt_scale, b_scale, c_scale live on the parameterless `SelectiveScan`
-submodule (`mixer.scan`): they are set by `ssm_kernels.mup`, are not in the state dict, and go to
-the kernel, which applies them inside the recurrence.
+submodule (`mixer.scan`): they are set by `ssm_kernels.mup`, saved in the state dict when not 1
+(`declarations.persist_multipliers`), and go to the kernel, which applies them inside the recurrence.
 """
 
 import math
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..distributed.context_parallel import previous_inputs, selective_scan_cp
 from ..ops.selective_scan import selective_scan_fn
 from ..ops.state_update import selective_state_update
+from .declarations import Declaration, MixerShape, init_ssm_parameters_, persist_multipliers
 from .inference import InferenceParams
 
 
@@ -48,6 +49,26 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
     width = weight.shape[-1]
     out = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=x.shape[1])[..., :x.shape[-1]]
     return F.silu(out) if activation is not None else out
+
+
+def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                         activation: Optional[str] = None) -> Tensor:
+    """The causal conv over new inputs x (batch, dim) or (batch, dim, L) that follow the inputs held in
+    conv_state (batch, dim, state_len >= width - 1), which is updated in place to the last state_len
+    inputs; returns the outputs at the new positions, x's shape (causal-conv1d's convention)."""
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation: expected None, 'silu' or 'swish', got {activation!r}")
+    if weight.dim() == 3:
+        weight = weight.squeeze(1)
+    one = x.dim() == 2
+    x3 = x.unsqueeze(-1) if one else x
+    width, new = weight.shape[-1], x3.shape[-1]
+    full = torch.cat([conv_state.to(x3.dtype), x3], dim=-1)
+    conv_state.copy_(full[..., -conv_state.shape[-1]:])
+    window = full[..., -(new + width - 1):].to(weight.dtype)
+    out = F.conv1d(window, weight.unsqueeze(1), bias, groups=x3.shape[1]).to(x.dtype)
+    out = F.silu(out) if activation is not None else out
+    return out.squeeze(-1) if one else out
 
 
 def _packed_causal_conv1d(x, weight, bias, activation, cu_seqlens):
@@ -118,8 +139,15 @@ def _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out
         cache[0].copy_(F.pad(x, (max(0, width - seqlen), 0))[..., -width:])
     x = conv(x, conv1d_weight, conv1d_bias, "silu", cu_seqlens=cu_seqlens)
     x_dbl = F.linear(x.transpose(1, 2).reshape(batch * seqlen, -1), x_proj_weight)  # (b*l, r + 2N)
-    dt = _rms(x_dbl[:, :dt_rank], dt_rms_weight, eps)
-    delta = (delta_proj_weight @ dt.t()).reshape(-1, batch, seqlen).transpose(0, 1)  # (b, d, l), d-major view
+    d_inner = x.shape[1]
+    for name, w, size in (("dt_rms_weight", dt_rms_weight, d_inner), ("b_rms_weight", b_rms_weight, d_state),
+                          ("c_rms_weight", c_rms_weight, d_state)):
+        if w is not None and tuple(w.shape) != (size,):
+            raise ValueError(f"{name}: expected shape ({size},), got {tuple(w.shape)}")
+    delta = delta_proj_weight @ x_dbl[:, :dt_rank].t()  # (d, b*l)
+    if dt_rms_weight is not None:  # mamba_ssm's meaning: delta normalized over d_inner after dt_proj
+        delta = rms_norm(delta.t(), dt_rms_weight, eps).t()
+    delta = delta.reshape(-1, batch, seqlen).transpose(0, 1)  # (b, d, l), d-major view
     if B is None:
         B = x_dbl[:, dt_rank:dt_rank + d_state]
         if B_proj_bias is not None:
@@ -146,7 +174,9 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
     through ordinary torch ops and our scan's custom op. `checkpoint_lvl` is accepted and
     ignored: our scan never saves a (batch, d_inner, L, N) tensor, so nothing is recomputed.
     cu_seqlens: packed sequences (batch 1), as in selective_scan_fn; the conv does not reach
-    across them either.
+    across them either. b_rms_weight, c_rms_weight (d_state,) and dt_rms_weight (d_inner,): the
+    RMS norms of mamba_ssm's FalconMamba path, with its meaning: B and C over the states, delta
+    over d_inner after dt_proj (before delta_bias).
     """
     def scan(u, delta, A, B, C, D, z, delta_bias, cu_seqlens):
         return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus,
@@ -155,6 +185,13 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
     return _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias,
                   A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, b_rms_weight, c_rms_weight, dt_rms_weight,
                   b_c_dt_rms_eps, scan, cu_seqlens=cu_seqlens)
+
+
+# mamba_ssm's Mamba (and transformers' MambaMixer): parameter name -> parameterization role.
+MAMBA_ROLES = {"in_proj.weight": "in_proj", "in_proj.bias": "in_proj_bias", "conv1d.weight": "conv_weight",
+               "conv1d.bias": "conv_bias", "x_proj.weight": "x_proj", "dt_proj.weight": "dt_proj_weight",
+               "dt_proj.bias": "dt_proj_bias", "A_log": "A_log", "D": "D", "out_proj.weight": "out_proj",
+               "out_proj.bias": "out_proj_bias"}
 
 
 class Mamba(nn.Module):
@@ -173,8 +210,7 @@ class Mamba(nn.Module):
         factory = dict(device=device, dtype=dtype)
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = int(expand * d_model)
-        self.dt_rank_auto = dt_rank == "auto"  # then the rank grows with d_model (the init scaling uses it)
-        self.dt_rank = math.ceil(d_model / 16) if self.dt_rank_auto else dt_rank
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
         self.dt_min, self.dt_max, self.dt_init, self.dt_init_scale = dt_min, dt_max, dt_init, dt_scale
         self.dt_init_floor = dt_init_floor
         self.use_fast_path = use_fast_path  # accepted for compatibility; there is one path
@@ -196,29 +232,26 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
         self.scan = SelectiveScan(backend, cp_group)
         self.reset_ssm_parameters()
+        persist_multipliers(self)
 
     @torch.no_grad()
-    def reset_ssm_parameters(self, generator=None, dt_weight_bound=None):
+    def reset_ssm_parameters(self, generator=None):
         """mamba_ssm's init of dt_proj, A_log and D (in_proj, conv1d, x_proj, out_proj keep
         PyTorch's defaults): dt_proj.weight uniform in +-dt_rank^-0.5 * dt_scale (or that
-        constant; `dt_weight_bound` replaces the bound), dt_proj.bias = softplus^-1 of dt
-        log-uniform in [dt_min, dt_max] floored at dt_init_floor, A_log[:, n] = log(n + 1)
-        (S4D-real), D = 1."""
-        std = self.dt_rank ** -0.5 * self.dt_init_scale if dt_weight_bound is None else dt_weight_bound
-        if self.dt_init == "constant":
-            self.dt_proj.weight.fill_(std)
-        else:
-            self.dt_proj.weight.uniform_(-std, std, generator=generator)
-        self.dt_proj.bias.copy_(self.dt_bias_init(generator))
-        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
-        self.A_log.copy_(torch.log(A).repeat(self.d_inner, 1))
-        self.D.fill_(1.0)
+        constant), dt_proj.bias = softplus^-1 of dt log-uniform in [dt_min, dt_max] floored at
+        dt_init_floor, A_log[:, n] = log(n + 1) (S4D-real), D = 1."""
+        init_ssm_parameters_(dict(self.named_parameters()), self.shape(), self.dt_rank ** -0.5 * self.dt_init_scale,
+                             generator)
 
-    def dt_bias_init(self, generator=None):
-        u = torch.rand(self.d_inner, generator=generator).to(self.dt_proj.bias.device)
-        dt = torch.exp(u * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min))
-        dt = dt.clamp(min=self.dt_init_floor)
-        return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
+    def shape(self) -> MixerShape:
+        return MixerShape(d_model=self.d_model, d_inner=self.d_inner, d_state=self.d_state, d_conv=self.d_conv,
+                          dt_rank=self.dt_rank, dt_init=self.dt_init, dt_init_scale=self.dt_init_scale,
+                          dt_min=self.dt_min, dt_max=self.dt_max, dt_init_floor=self.dt_init_floor)
+
+    def declaration(self) -> Declaration:
+        """Roles of mamba_ssm's Mamba parameters, the shape, and the kernel multiplier slots."""
+        return Declaration(roles=dict(MAMBA_ROLES), mixer=self.shape(),
+                           slots={name: (self.scan, name) for name in ("dt_scale", "b_scale", "c_scale")})
 
     def forward(self, hidden_states: Tensor, inference_params: Optional[InferenceParams] = None,
                 cu_seqlens: Optional[Tensor] = None) -> Tensor:
@@ -272,13 +305,7 @@ class Mamba(nn.Module):
                              f"{tuple(hidden_states.shape)}")
         xz = F.linear(hidden_states.squeeze(1), self.in_proj.weight, self.in_proj.bias)  # (b, 2d)
         x, z = xz.chunk(2, dim=-1)
-        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-        conv_state[:, :, -1] = x
-        weight = self.conv1d.weight.squeeze(1)  # (d, width)
-        x = (conv_state * weight).sum(-1)
-        if self.conv1d.bias is not None:
-            x = x + self.conv1d.bias
-        x = F.silu(x).to(xz.dtype)
+        x = causal_conv1d_update(x, conv_state, self.conv1d.weight, self.conv1d.bias, "silu").to(xz.dtype)
         dt, B, C = F.linear(x, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # the bias goes in with the softplus, as in the scan
         s = self.scan

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .declarations import Declaration, mamba_init_, persist_multipliers
 from .inference import InferenceParams, sample
 from .mamba import Mamba, rms_norm
 
@@ -22,6 +23,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+    def declaration(self) -> Declaration:
+        return Declaration(roles={"weight": "norm"})
 
 
 class Block(nn.Module):
@@ -50,8 +54,8 @@ class MambaLM(nn.Module):
     """embedding -> n_layer Mamba blocks -> RMSNorm -> readout; logits (batch, L, padded vocab).
 
     `embedding_multiplier` and `readout_multiplier` (plain floats, 1 by default, set by
-    `ssm_kernels.mup`) scale the embedding output and the logits. The vocabulary is padded to a
-    multiple of `pad_vocab_size_multiple`, as in mamba_ssm. Initialization is mamba_ssm's:
+    `ssm_kernels.mup`, in the state dict when not 1) scale the embedding output and the logits.
+    The vocabulary is padded to a multiple of `pad_vocab_size_multiple`, as in mamba_ssm. Initialization is mamba_ssm's:
     embedding N(0, 0.02), Linear biases zero, out_proj rescaled by 1/sqrt(n_layer).
     Mixer arguments (e.g. `cp_group` for context parallelism) pass through to every `Mamba`.
     """
@@ -69,30 +73,19 @@ class MambaLM(nn.Module):
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         self.embedding_multiplier = 1.0
         self.readout_multiplier = 1.0
-        self.reset_parameters()
         if tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
+        self.reset_parameters()
+        persist_multipliers(self)
 
-    @torch.no_grad()
+    def declaration(self) -> Declaration:
+        return Declaration(roles={"backbone.embedding.weight": "embedding", "lm_head.weight": "readout"},
+                           n_layer=self.n_layer, tied_readout=self.lm_head.weight is self.backbone.embedding.weight,
+                           slots={"embedding": (self, "embedding_multiplier"), "readout": (self, "readout_multiplier")})
+
     def reset_parameters(self, generator=None):
         """mamba_ssm's MambaLMHeadModel init (its _init_weights with rescale_prenorm_residual)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                bound = 1 / math.sqrt(module.in_features)
-                module.weight.uniform_(-bound, bound, generator=generator)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.Conv1d):
-                bound = 1 / math.sqrt(module.weight[0].numel())
-                module.weight.uniform_(-bound, bound, generator=generator)
-                if module.bias is not None:
-                    module.bias.uniform_(-bound, bound, generator=generator)
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-        for layer in self.backbone.layers:
-            layer.mixer.reset_ssm_parameters(generator)  # dt_proj (bias included), A_log, D
-            layer.mixer.out_proj.weight.div_(math.sqrt(self.n_layer))
-        self.backbone.embedding.weight.normal_(0.0, 0.02, generator=generator)
+        mamba_init_(self, generator=generator)
 
     def forward(self, input_ids: Tensor, inference_params: Optional[InferenceParams] = None,
                 num_last_tokens: int = 0, cu_seqlens: Optional[Tensor] = None) -> Tensor:

@@ -1,48 +1,16 @@
 """Applying a preset to a model: roles, initialization, forward multipliers, optimizer param groups."""
 
-import math
+import functools
+import types
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-from ..modules.mamba import Mamba
-from ..modules.mamba_lm import MambaLM, RMSNorm
-from .presets import DECAYED, OPTIMIZERS, PRESETS, ROLES, Rule, check_table, share_learning_rate
-
-X_PROJ_ROWS = ("x_proj_dt", "x_proj_B", "x_proj_C")
-_MAMBA_PARAMS = {"in_proj.weight": "in_proj", "in_proj.bias": "in_proj_bias", "conv1d.weight": "conv_weight",
-                 "conv1d.bias": "conv_bias", "x_proj.weight": "x_proj", "dt_proj.weight": "dt_proj_weight",
-                 "dt_proj.bias": "dt_proj_bias", "A_log": "A_log", "D": "D", "out_proj.weight": "out_proj",
-                 "out_proj.bias": "out_proj_bias"}
-
-
-def parameter_roles(model: nn.Module) -> "OrderedDict[str, str]":
-    """name -> role for every parameter, from module types and names (never from attributes on the
-    Parameters, which FSDP and torch.save drop). "x_proj" stands for the three row roles
-    x_proj_dt / x_proj_B / x_proj_C. A tied lm_head counts once, as the embedding."""
-    roles = OrderedDict()
-    for prefix, module in model.named_modules():
-        dot = prefix + "." if prefix else ""
-        if isinstance(module, Mamba):
-            for local, role in _MAMBA_PARAMS.items():
-                owner, _, attr = local.rpartition(".")
-                if getattr(module.get_submodule(owner) if owner else module, attr, None) is not None:
-                    roles[dot + local] = role
-        elif isinstance(module, nn.Embedding):
-            roles[dot + "weight"] = "embedding"
-        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
-            for name, _ in module.named_parameters(recurse=False):
-                roles[dot + name] = "norm"
-        elif prefix.rpartition(".")[2] == "lm_head":
-            roles[dot + "weight"] = "readout"
-    names = [name for name, _ in model.named_parameters()]  # deduplicated: a tied weight once
-    missing = [n for n in names if n not in roles]
-    if missing:
-        raise ValueError(f"model: no parameterization role for parameters {missing}; roles come from Mamba, "
-                         "nn.Embedding, RMSNorm/LayerNorm and a Linear named lm_head")
-    return OrderedDict((n, roles[n]) for n in names)
+from ..integrations.roles import FOREIGN_DECLARATIONS  # importing it declares transformers' and mamba_ssm's modules
+from ..modules.declarations import declared_modules, mamba_init_, parameter_roles
+from .presets import DECAYED, OPTIMIZERS, PRESETS, ROLES, TIED, Rule, check_table, share_learning_rate
 
 
 def _is_dtensor(p) -> bool:
@@ -86,82 +54,52 @@ class Parameterization:
 
     @staticmethod
     def _shape(model: nn.Module):
-        mixers = [m for m in model.modules() if isinstance(m, Mamba)]
-        if not mixers:
-            raise ValueError("model: has no Mamba layer")
-        shapes = {(m.d_inner, m.d_state, m.expand) for m in mixers}
+        """(d_inner, d_state) of the model's mixers, from their declarations."""
+        shapes = {(d.mixer.d_inner, d.mixer.d_state) for _, _, d in declared_modules(model) if d.mixer is not None}
+        if not shapes:
+            foreign = ", ".join(sorted({path.rpartition(".")[2] for path, _ in FOREIGN_DECLARATIONS}))
+            raise ValueError(f"model: has no Mamba layer (ssm_kernels' Mamba, or one of {foreign})")
         if len(shapes) > 1:
             raise ValueError(f"model: Mamba layers of different shapes {sorted(shapes)}")
-        return mixers, shapes.pop()
+        return shapes.pop()
 
     # -- initialization ----------------------------------------------------------------------
-    @torch.no_grad()
     def init_(self, model: nn.Module, generator: Optional[torch.Generator] = None) -> nn.Module:
-        """Draws every parameter afresh: SP's (mamba_ssm's) distribution at the base shape, its std
-        scaled by the init factor. Idempotent: the result does not depend on earlier values, and
-        the same generator state gives the same tensors."""
-        roles = parameter_roles(model)
-        mixers, (d_inner, d_state, expand) = self._shape(model)
-        base_d_model = self.base_d_inner / expand
-        lms = [m for m in model.modules() if isinstance(m, MambaLM)]  # also inside a DDP or other wrapper
-        n_layer = lms[0].n_layer if lms else None
-        params = dict(model.named_parameters())
-        sharded = [name for name, p in params.items() if _is_dtensor(p)]
+        """Draws every parameter afresh: mamba_ssm's init at the model's shape (SP), each draw's
+        spread multiplied by the preset's init factor over SP's, so that SP is mamba_ssm's init
+        at every width and every preset is SP at the base shape. Idempotent: the result does not
+        depend on earlier values, and the same generator state gives the same tensors. A tied
+        readout follows the embedding's rule (presets.TIED)."""
+        parameter_roles(model)  # every parameter has a role, or a clear error
+        d_inner, d_state = self._shape(model)
+        sharded = [name for name, p in model.named_parameters() if _is_dtensor(p)]
         if sharded:
             raise ValueError(f"model: parameters {sharded[:3]}... are sharded (DTensor); draw them before "
                              "sharding: parameterize_ (or init_) first, then fully_shard")
+        sp = Parameterization("sp", self.optimizer, self.base_d_inner, self.base_d_state)
 
-        def uniform(t, bound):
-            return t.uniform_(-bound, bound, generator=generator)
-
-        def f(role):
-            return self.factors(role, d_inner, d_state)["init"]
-
-        for name, role in roles.items():
-            p = params[name]
-            if role == "embedding":
-                p.normal_(0.0, 0.02 * f(role), generator=generator)
-            elif role == "readout":
-                uniform(p, f(role) / math.sqrt(base_d_model))
-            elif role == "norm" and name.endswith("weight"):
-                p.fill_(1.0)
-            elif role == "norm":  # a LayerNorm bias
-                p.zero_()
-            elif role in ("in_proj_bias", "out_proj_bias"):
-                p.zero_()
-        for mixer in mixers:
-            # SP's dt_proj bound is dt_rank^-1/2: at the base shape, the base shape's rank.
-            dt_rank_base = math.ceil(base_d_model / 16) if mixer.dt_rank_auto else mixer.dt_rank
-            uniform(mixer.in_proj.weight, f("in_proj") / math.sqrt(base_d_model))
-            conv_bound = 1 / math.sqrt(mixer.d_conv)
-            uniform(mixer.conv1d.weight, conv_bound * f("conv_weight"))
-            if mixer.conv1d.bias is not None:
-                uniform(mixer.conv1d.bias, conv_bound * f("conv_bias"))
-            rows = mixer.x_proj.weight.split([mixer.dt_rank, d_state, d_state], dim=0)
-            for role, block in zip(X_PROJ_ROWS, rows):
-                uniform(block, f(role) / math.sqrt(self.base_d_inner))
-            out_bound = f("out_proj") / math.sqrt(self.base_d_inner)
-            uniform(mixer.out_proj.weight, out_bound / math.sqrt(n_layer) if n_layer else out_bound)
-            # dt_proj (weight at the scaled bound, bias from log-uniform dt), A_log, D
-            mixer.reset_ssm_parameters(generator, dt_rank_base ** -0.5 * mixer.dt_init_scale * f("dt_proj_weight"))
-        return model
+        def scale(role):
+            return self.factors(role, d_inner, d_state)["init"] / sp.factors(role, d_inner, d_state)["init"]
+        return mamba_init_(model, scale, generator)
 
     # -- forward multipliers -----------------------------------------------------------------
-    def multipliers(self, d_inner: int, d_state: int) -> Dict[str, float]:
+    def multipliers(self, d_inner: int, d_state: int, tied: bool = False) -> Dict[str, float]:
+        """The forward multipliers; tied: the readout is the embedding's Parameter (presets.TIED)."""
         m = {role: self.factors(role, d_inner, d_state)["mult"] for role in ROLES}
+        readout = self.factor(TIED[self.preset], d_inner, d_state) if tied else m["readout"]
         return dict(dt_scale=m["x_proj_dt"] * m["dt_proj_weight"], b_scale=m["x_proj_B"], c_scale=m["x_proj_C"],
-                    embedding=m["embedding"], readout=m["readout"])
+                    embedding=m["embedding"], readout=readout)
 
     def apply_multipliers(self, model: nn.Module) -> nn.Module:
-        """Sets the kernel multipliers on every mixer.scan and MambaLM's embedding/readout multipliers.
-        They are module attributes, not state: call this again after building or loading a model."""
-        mixers, (d_inner, d_state, _) = self._shape(model)
-        m = self.multipliers(d_inner, d_state)
-        for mixer in mixers:
-            mixer.scan.dt_scale, mixer.scan.b_scale, mixer.scan.c_scale = m["dt_scale"], m["b_scale"], m["c_scale"]
-        for module in model.modules():
-            if isinstance(module, MambaLM):
-                module.embedding_multiplier, module.readout_multiplier = m["embedding"], m["readout"]
+        """Sets every declared multiplier slot: the kernel's dt/b/c scales on each mixer, the
+        embedding and readout multipliers on the language model. They are saved in its state dict
+        (when not 1) and restored by load_state_dict."""
+        d_inner, d_state = self._shape(model)
+        tied = any(d.tied_readout for _, _, d in declared_modules(model))
+        m = self.multipliers(d_inner, d_state, tied)
+        for _, _, d in declared_modules(model):
+            for name, (obj, attr) in d.slots.items():
+                setattr(obj, attr, m[name])
         return model
 
     def parameterize_(self, model: nn.Module, generator: Optional[torch.Generator] = None) -> nn.Module:
@@ -172,7 +110,7 @@ class Parameterization:
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float = 0.0) -> List[dict]:
         """Plain param groups, one per (lr_scale, weight_decay):
         {"params": [...], "lr": lr * lr_scale, "lr_scale": lr_scale, "weight_decay": ..., "roles": [...]}."""
-        _, (d_inner, d_state, _) = self._shape(model)
+        d_inner, d_state = self._shape(model)
         params = dict(model.named_parameters())
         groups: "OrderedDict[tuple, dict]" = OrderedDict()
         for name, role in parameter_roles(model).items():
@@ -194,22 +132,39 @@ def keep_lr_scale(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     Call it on an optimizer built from `param_groups` *before* creating the scheduler: each group's
     "lr" becomes the unscaled base lr (what the scheduler sees and sets, e.g. OneCycleLR's max_lr
     applies to every group alike), and every optimizer.step() runs with lr * lr_scale, restoring
-    the base value afterwards. When resuming, call it on the new optimizer before
-    load_state_dict (the saved groups hold the base lr)."""
+    the base value afterwards, also when the step raises. A group added later with add_param_group
+    follows the same convention (its "lr" is lr * lr_scale, as param_groups gives it; no lr_scale
+    means 1). When resuming, call it on the new optimizer before load_state_dict (the saved groups
+    hold the base lr)."""
     if getattr(optimizer, "_ssm_kernels_lr_scale", False):
         return optimizer
     for group in optimizer.param_groups:
-        group.setdefault("lr_scale", 1.0)
-        group["lr"] = group["lr"] / group["lr_scale"]
+        _to_base_lr(group)
+    step, add_param_group = optimizer.step, optimizer.add_param_group
 
-    def scale(opt, args, kwargs):
-        for group in opt.param_groups:
+    def scaled_step(self, *args, **kwargs):
+        # A bound method, as LR schedulers expect (they wrap optimizer.step.__func__).
+        groups = list(self.param_groups)
+        base = [group["lr"] for group in groups]
+        for group in groups:
             group["lr"] = group["lr"] * group["lr_scale"]
+        try:
+            return step(*args, **kwargs)
+        finally:
+            for group, lr in zip(groups, base):
+                group["lr"] = lr
 
-    def unscale(opt, args, kwargs):
-        for group in opt.param_groups:
-            group["lr"] = group["lr"] / group["lr_scale"]
-    optimizer.register_step_pre_hook(scale)
-    optimizer.register_step_post_hook(unscale)
+    def add_group(self, param_group):
+        _to_base_lr(param_group)
+        return add_param_group(param_group)
+
+    optimizer.step = types.MethodType(functools.wraps(step.__func__)(scaled_step), optimizer)
+    optimizer.add_param_group = types.MethodType(add_group, optimizer)
     optimizer._ssm_kernels_lr_scale = True
     return optimizer
+
+
+def _to_base_lr(group: dict) -> None:
+    group.setdefault("lr_scale", 1.0)
+    if "lr" in group:
+        group["lr"] = group["lr"] / group["lr_scale"]

@@ -119,6 +119,15 @@ def _mup_ssm(optimizer, asymptotic=False):
     return table
 
 
+# A readout tied to the embedding (one Parameter, as in mamba_ssm's and transformers' defaults) gets
+# the embedding's init, learning rate and weight decay, and the logits get the forward multiplier
+# TIED[preset] (exponents as a Rule's). sp: none. spectral: N_u^-1, the abc-symmetry image of its
+# untied readout (init N_u^-1, lr N_u^-1 moved to the embedding's init 1, lr 1 with Adam, lr N_u with
+# SGD: the same t = 1 for both). mup, mup_ssm: the 1/N_u readout multiplier (microsoft/mup's
+# MuSharedReadout): the readout then starts smaller than the untied table's, also a muP limit.
+TIED: Dict[str, Exp] = {"sp": ZERO, "mup": (-1.0, 0.0), "spectral": (-1.0, 0.0), "mup_ssm": (-1.0, 0.0),
+                        "mup_ssm_asymptotic": (-1.0, 0.0)}
+
 PRESETS = {
     name: {opt: build(opt) for opt in OPTIMIZERS}
     for name, build in (("sp", lambda opt: _sp()), ("mup", _mup), ("spectral", _spectral), ("mup_ssm", _mup_ssm),
@@ -190,7 +199,9 @@ def presets_markdown() -> str:
             lines += [f"| {role} | {_fmt(r.init)} | {_fmt(r.mult)} | {_fmt(r.lr)} | {_fmt(r.wd)} |"
                       for role, r in table.items()]
             shared = share_learning_rate(table, opt)
-            lines += ["", "As applied (x_proj's rows at the dt rows' learning rate): "
+            lines += ["", f"Tied embedding and readout: the embedding's init, lr and wd; readout multiplier "
+                      f"{_fmt(TIED[name])}.", ""]
+            lines += ["As applied (x_proj's rows at the dt rows' learning rate): "
                       + "; ".join(f"{role} init {_fmt(shared[role].init)}, mult {_fmt(shared[role].mult)}, "
                                   f"lr {_fmt(shared[role].lr)}" for role in ("x_proj_B", "x_proj_C")) + ".", ""]
     return "\n".join(lines)

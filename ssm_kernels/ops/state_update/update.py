@@ -59,9 +59,10 @@ def _check_indices(indices, batch: int, cache_rows: int, device) -> Optional[Ten
 
 
 def _resolve_backend(backend: Optional[str], x: Tensor) -> str:
-    """The scan's backend choice; "ref" runs the torch path (one step has no separate reference)."""
+    """The scan's backend choice; "ref" and "cpp" run the torch path (one step has no separate
+    reference, and no compiled CPU version: it is a few vector ops)."""
     name = resolve_backend(backend, x)
-    return "torch" if name == "ref" else name
+    return "torch" if name in ("ref", "cpp") else name
 
 
 def _state_update_torch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_scale, b_scale, c_scale, indices,
@@ -104,7 +105,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
             d // (dim // G)); D, dt_bias: (dim,).
         dt_scale, b_scale, c_scale: the width multipliers, as in selective_scan_fn.
         state_batch_indices: (batch,) int32/int64, distinct rows of the state cache.
-        backend: "triton" (default for CUDA tensors) or "torch" (default otherwise).
+        backend: "triton" (default for CUDA tensors) or "torch" (default otherwise; "cpp" and "ref"
+            mean "torch" here).
 
     Returns out (batch, dim) in x's dtype.
     """
