@@ -187,7 +187,8 @@ def restore_multipliers(model: nn.Module, state_dict: Dict[str, Tensor]) -> nn.M
             continue
         pairs = list(d.slots.values())
         if saved.numel() != len(pairs):
-            raise ValueError(f"{prefix}.{MULTIPLIER_KEY}: {saved.numel()} multipliers saved, the module has {len(pairs)}")
+            raise ValueError(f"{prefix}.{MULTIPLIER_KEY}: {saved.numel()} multipliers saved, the module has "
+                             f"{len(pairs)}")
         for (obj, attr), value in zip(pairs, saved.tolist()):
             setattr(obj, attr, value)
     return model
