@@ -10,29 +10,29 @@ current device (CUDA when present, else the CPU) and prints errors and times for
 import argparse
 import sys
 
-import torch
-
+from .cli_args import (check_backends, check_output_path, default_device, device, nonnegative_int, positive_float,
+                       positive_int)
 from .ops.selective_scan.backends import CHUNKED_BACKENDS
 
 
 def _add_check_arguments(parser):
-    parser.add_argument("--widths", type=int, nargs="+", help="d_inner values (default: 64 256 1024 on the "
+    parser.add_argument("--widths", type=positive_int, nargs="+", help="d_inner values (default: 64 256 1024 on the "
                         "CPU, 768 1536 3072 on CUDA)")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--d-state", type=int, default=16)
+    parser.add_argument("--batch", type=positive_int, default=2)
+    parser.add_argument("--seqlen", type=positive_int, default=256)
+    parser.add_argument("--d-state", type=positive_int, default=16)
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default fp32 on the CPU, bf16 on CUDA")
     parser.add_argument("--backends", nargs="+", choices=CHUNKED_BACKENDS,
                         help="default: torch, plus triton on CUDA or under TRITON_INTERPRET=1")
-    parser.add_argument("--device", help="default cuda when available, else cpu")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
+    parser.add_argument("--device", type=device, help="default cuda when available, else cpu")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed repetitions (median reported)")
 
 
 def _add_profile_arguments(parser):
-    parser.add_argument("--d-inner", type=int, default=16384)
-    parser.add_argument("--seqlen", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--d-state", type=int, default=16)
+    parser.add_argument("--d-inner", type=positive_int, default=16384)
+    parser.add_argument("--seqlen", type=positive_int, default=4096)
+    parser.add_argument("--batch", type=positive_int, default=2)
+    parser.add_argument("--d-state", type=positive_int, default=16)
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default bf16 on CUDA, fp32 on the CPU")
     parser.add_argument("--backward", action="store_true", help="profile forward+backward (default: forward)")
     parser.add_argument("--trace", metavar="PATH", help="write a Chrome trace of the profiled step")
@@ -40,9 +40,9 @@ def _add_profile_arguments(parser):
                         help="default triton on CUDA; on the CPU cpp when built, else torch (triton there needs "
                         "TRITON_INTERPRET=1)")
     parser.add_argument("--multipliers", choices=["fused", "separate", "none"], default="fused")
-    parser.add_argument("--device", help="default cuda when available, else cpu")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    parser.add_argument("--device", type=device, help="default cuda when available, else cpu")
+    parser.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps first")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps (median reported)")
 
 
 def _add_coord_check_arguments(parser):
@@ -52,19 +52,33 @@ def _add_coord_check_arguments(parser):
     parser.add_argument("--sweep", choices=["d_inner", "d_state"], default="d_inner")
     parser.add_argument("--json", metavar="PATH", help="write the result (with --table: every sweep's)")
     parser.add_argument("--plot", metavar="PNG", help="log2 RMS against log2 width, one panel per quantity")
-    parser.add_argument("--widths", type=int, nargs="+",
+    parser.add_argument("--widths", type=positive_int, nargs="+",
                         help="default d_inner 64 128 256 512 (d_state 16), or d_state 16 32 64 128 (d_inner 128)")
-    parser.add_argument("--fixed", type=int, help="the dimension not swept (default 16 or 128, as above)")
-    parser.add_argument("--steps", type=int, default=4, help="training steps (default 4)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--lr", type=float, help="base learning rate (default 3e-3 Adam, 0.3 SGD)")
-    parser.add_argument("--dt-min", type=float, default=0.001, help="Mamba's dt init range (default 0.001 0.1; "
+    parser.add_argument("--fixed", type=positive_int, help="the dimension not swept (default 16 or 128, as above)")
+    parser.add_argument("--steps", type=positive_int, default=4, help="training steps (default 4)")
+    parser.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--lr", type=positive_float, help="base learning rate (default 3e-3 Adam, 0.3 SGD)")
+    parser.add_argument("--dt-min", type=positive_float, default=0.001, help="Mamba's dt init range (default 0.001 0.1; "
                         "--dt-min 0.5 --dt-max 1 puts the d_state sweep in the asymptotic regime N_x >> 1/dt)")
-    parser.add_argument("--dt-max", type=float, default=0.1)
+    parser.add_argument("--dt-max", type=positive_float, default=0.1)
     parser.add_argument("--table", action="store_true",
                         help="every preset x optimizer x sweep; print the slopes and write them to --table-out")
     parser.add_argument("--table-out", default="docs/coord_check_table.md", metavar="MD",
                         help="markdown of the slopes; presets.md (the preset tables) goes beside it")
+
+
+def _check_coord_check_arguments(parser, args):
+    from .mup import coord_check as cc
+    widths = cc.DEFAULTS[args.sweep]["widths"] if args.widths is None else args.widths
+    fixed = cc.DEFAULTS[args.sweep]["fixed"] if args.fixed is None else args.fixed
+    try:
+        cc.check_settings(args.sweep, widths, fixed)
+    except ValueError as err:
+        parser.error(f"--{err}")
+    if args.dt_min >= args.dt_max:
+        parser.error(f"--dt-min {args.dt_min:g} must be below --dt-max {args.dt_max:g}")
+    for name in ("json", "plot"):
+        check_output_path(parser, f"--{name}", getattr(args, name))
 
 
 def _coord_check(args):
@@ -129,24 +143,26 @@ def main(argv=None):
 
     if args.command == "check":
         from .check import DTYPES, check
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        on_gpu = device.type == "cuda"
+        dev = default_device(args.device)
+        check_backends(parser, "--backends", args.backends, dev)
+        on_gpu = dev.type == "cuda"
         widths = args.widths or ([768, 1536, 3072] if on_gpu else [64, 256, 1024])
         dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
-        ok = check(widths, args.batch, args.seqlen, args.d_state, dtype, device, args.backends, args.repeats)
+        ok = check(widths, args.batch, args.seqlen, args.d_state, dtype, dev, args.backends, args.repeats)
         return 0 if ok else 1
     if args.command == "profile":
         from .profile import profile
-        if args.steps < 1 or args.warmup < 0:
-            parser.error("--steps must be >= 1 and --warmup >= 0")
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+        dev = default_device(args.device)
+        check_backends(parser, "--backend", [args.backend] if args.backend else None, dev)
+        if args.backend == "mamba_ssm" and dev.type != "cuda":
+            parser.error("--backend mamba_ssm: its CUDA kernel needs a CUDA device")
+        check_output_path(parser, "--trace", args.trace)
+        dtype = args.dtype or ("bf16" if dev.type == "cuda" else "fp32")
         profile(args.d_inner, args.seqlen, args.batch, dtype, args.d_state, args.backward, args.trace, args.backend,
-                device, args.multipliers, args.warmup, args.steps)
+                dev, args.multipliers, args.warmup, args.steps)
         return 0
     if args.command == "coord-check":
-        if args.steps < 1 or len(args.seeds) < 1:
-            parser.error("--steps and --seeds: at least one")
+        _check_coord_check_arguments(parser, args)
         return _coord_check(args)
     if args.command == "train":
         train.check_arguments(train_parser, args)

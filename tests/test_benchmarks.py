@@ -148,7 +148,7 @@ def test_plot_refuses_a_file_without_timings(tmp_path, capsys):
                                                 "stats": None}]}))
     with pytest.raises(ValueError, match="no timed"):
         load_results(path)
-    assert bench_cli.main(["plot", str(path), "-o", str(tmp_path / "x.png")]) == 1
+    assert bench_cli.main(["plot", str(path), "-o", str(tmp_path / "x.png")]) == 2
     assert "no timed" in capsys.readouterr().err
 
 

@@ -15,13 +15,15 @@ def main(argv=None):
     plot.add_argument("--title")
     plot.add_argument("--table", action="store_true", help="also print GB/s and peak memory per benchmark")
     args = parser.parse_args(argv)
+    from ..cli_args import check_output_path
+    check_output_path(plot, "--output", args.output)
     try:
         plot_results(args.results, args.output, args.title)
         if args.table:
             print("\n".join(summary_table(args.results)))
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (OSError, ValueError) as err:  # a results file that is not one: a user error, exit 2 as argparse's
+        print(f"{parser.prog} plot: error: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {args.output}")
     return 0
 

@@ -8,19 +8,38 @@ MODE_ORDER = ("fwd", "bwd", "fwdbwd")
 SHAPE_KEYS = ("batch", "seqlen", "d_state", "dtype")
 
 
+REQUIRED = ("d_inner", "mode", "backend", "multipliers")
+
+
 def load_results(path):
-    """The benchmarks of a results file that carry our extra_info, with gbps recomputed if absent."""
-    with open(path) as f:
-        data = json.load(f)
+    """The benchmarks of a results file that carry our extra_info, with gbps recomputed if absent.
+    ValueError (naming the file and the benchmark) for anything that is not such a file."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not JSON ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks", []), list):
+        raise ValueError(f"{path}: expected a pytest-benchmark results object {{\"benchmarks\": [...]}}, got "
+                         f"{type(data).__name__}")
     rows = []
-    for bench in data.get("benchmarks", []):
-        info = dict(bench.get("extra_info", {}))
+    for i, bench in enumerate(data.get("benchmarks", [])):
+        info = dict(bench.get("extra_info", {})) if isinstance(bench, dict) else {}
         if "d_inner" not in info or "mode" not in info:
-            continue
-        if info.get("gbps") is None and bench.get("stats") and info.get("bytes"):
-            info["gbps"] = info["bytes"] / bench["stats"]["median"] / 1e9
+            continue  # another benchmark of the suite (packing, decode, transformers)
+        name = bench.get("name", f"benchmark {i}")
+        median = (bench.get("stats") or {}).get("median")
+        if info.get("gbps") is None and median is not None and info.get("bytes"):
+            if not median > 0:
+                raise ValueError(f"{path}: {name}: median time {median} is not positive")
+            info["gbps"] = info["bytes"] / median / 1e9
         if info.get("gbps") is None:
             continue  # run with --benchmark-disable: nothing was timed
+        missing = [k for k in REQUIRED if k not in info]
+        if missing:
+            raise ValueError(f"{path}: {name}: extra_info lacks {missing}")
+        if info["mode"] not in MODE_ORDER:
+            raise ValueError(f"{path}: {name}: unknown mode {info['mode']!r} (expected one of {MODE_ORDER})")
         rows.append(info)
     if not rows:
         raise ValueError(f"{path}: no timed selective-scan benchmarks (was it written by `pytest benchmarks/ "

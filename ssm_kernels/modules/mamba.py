@@ -207,6 +207,16 @@ class Mamba(nn.Module):
                  dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False, use_fast_path=True,
                  layer_idx=None, device=None, dtype=None, backend=None, cp_group=None):
         super().__init__()
+        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if not (isinstance(expand, (int, float)) and not isinstance(expand, bool) and int(expand * d_model) >= 1):
+            raise ValueError(f"expand: d_inner = int(expand * d_model) must be at least 1, got expand {expand!r} "
+                             f"with d_model {d_model}")
+        if dt_rank != "auto" and (isinstance(dt_rank, bool) or not isinstance(dt_rank, int) or dt_rank < 1):
+            raise ValueError(f"dt_rank: expected 'auto' or a positive int, got {dt_rank!r}")
+        if not (0 < dt_min < dt_max):
+            raise ValueError(f"dt_min, dt_max: expected 0 < dt_min < dt_max, got {dt_min}, {dt_max}")
         factory = dict(device=device, dtype=dtype)
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = int(expand * d_model)

@@ -64,6 +64,10 @@ class MambaLM(nn.Module):
                  d_conv: int = 4, norm_epsilon: float = 1e-5, tie_embeddings: bool = True,
                  pad_vocab_size_multiple: int = 8, backend: Optional[str] = None, **mixer_kwargs):
         super().__init__()
+        for name, value in (("d_model", d_model), ("n_layer", n_layer), ("vocab_size", vocab_size),
+                            ("pad_vocab_size_multiple", pad_vocab_size_multiple)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if vocab_size % pad_vocab_size_multiple:
             vocab_size += pad_vocab_size_multiple - vocab_size % pad_vocab_size_multiple
         self.d_model, self.n_layer, self.vocab_size = d_model, n_layer, vocab_size
@@ -108,7 +112,12 @@ class MambaLM(nn.Module):
         predicted from input_ids[:, :-1]. With labels (batch, L), the logits of input_ids against
         them (-100 is ignored), e.g. a context-parallel shard from
         ssm_kernels.distributed.shard_for_next_token with reduction="sum"."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected (batch, L), got {tuple(input_ids.shape)}")
         if labels is None:
+            if input_ids.shape[1] < 2:
+                raise ValueError(f"input_ids: next-token loss needs L >= 2 tokens per sequence, got L = "
+                                 f"{input_ids.shape[1]}")
             input_ids, labels = input_ids[:, :-1], input_ids[:, 1:]
         elif labels.shape != input_ids.shape:
             raise ValueError(f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, "

@@ -1,6 +1,7 @@
 """Applying a preset to a model: roles, initialization, forward multipliers, optimizer param groups."""
 
 import functools
+import numbers
 import types
 from collections import OrderedDict
 from typing import Dict, List, Optional
@@ -36,8 +37,9 @@ class Parameterization:
         optimizer = {"adamw": "adam"}.get(optimizer, optimizer)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer: expected one of {OPTIMIZERS} (or adamw), got {optimizer!r}")
-        if base_d_inner < 1 or base_d_state < 1:
-            raise ValueError("base_d_inner, base_d_state: must be positive")
+        for name, value in (("base_d_inner", base_d_inner), ("base_d_state", base_d_state)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name}: expected a positive int (the base model's width), got {value!r}")
         self.preset, self.optimizer = preset, optimizer
         self.base_d_inner, self.base_d_state = base_d_inner, base_d_state
         self.table: Dict[str, Rule] = PRESETS[preset][optimizer]

@@ -5,6 +5,7 @@ shapes never reach a kernel (where they would read out of bounds or crash).
 """
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -25,9 +26,14 @@ def check_multiplier(name: str, value) -> float:
         if value.is_complex():
             raise TypeError(f"{name}: must be real, got {value.dtype}")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real: Python and NumPy numbers alike (np.float32, np.int64 register as Real; NumPy's
+    # bool does not); Python's bool is refused
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond the float range, e.g. 10**400
+        raise ValueError(f"{name}: must be finite, got an integer of {len(str(abs(int(value))))} digits") from None
     if not math.isfinite(value):
         raise ValueError(f"{name}: must be finite, got {value}")
     return value
