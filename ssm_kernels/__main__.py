@@ -5,6 +5,7 @@ current device (CUDA when present, else the CPU) and prints errors and times for
 `profile` runs one configuration under torch.profiler: top kernels, bandwidth, peak memory.
 `coord-check` measures how a parameterization's SSM activations scale with width.
 `train` trains a small MambaLM on text, data- and context-parallel under torchrun.
+`lr-sweep` trains across widths and learning rates and reports how the best learning rate moves.
 """
 
 import argparse
@@ -133,7 +134,9 @@ def main(argv=None):
     _add_check_arguments(sub.add_parser("check", help="backends against the float64 reference (default)"))
     _add_profile_arguments(sub.add_parser("profile", help="one configuration under torch.profiler"))
     _add_coord_check_arguments(sub.add_parser("coord-check", help="activation scaling with width (muP check)"))
-    from . import train
+    from . import lr_sweep, train
+    sweep_parser = sub.add_parser("lr-sweep", help="best learning rate against width, per preset (muP transfer)")
+    lr_sweep.add_arguments(sweep_parser)
     train_parser = sub.add_parser("train", help="a small MambaLM on text; DDP + context parallel under torchrun")
     train.add_arguments(train_parser)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -164,6 +167,8 @@ def main(argv=None):
     if args.command == "coord-check":
         _check_coord_check_arguments(parser, args)
         return _coord_check(args)
+    if args.command == "lr-sweep":
+        return lr_sweep.main(sweep_parser, args)
     if args.command == "train":
         train.check_arguments(train_parser, args)
         train.train(args)

@@ -30,10 +30,10 @@ from .ops.selective_scan.backends import CHUNKED_BACKENDS
 CORPUS_MODULES = ("argparse", "inspect", "typing", "dataclasses", "functools", "pathlib")
 
 
-def corpus() -> torch.Tensor:
+def corpus(modules=CORPUS_MODULES) -> torch.Tensor:
     """The bytes of a few standard library modules' source, as int64 tokens."""
     import importlib
-    data = b"".join(open(importlib.import_module(m).__file__, "rb").read() for m in CORPUS_MODULES)
+    data = b"".join(open(importlib.import_module(m).__file__, "rb").read() for m in modules)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
 
 

@@ -1,0 +1,183 @@
+"""`python -m ssm_kernels lr-sweep`: does the best learning rate transfer across width?
+
+Trains MambaLM at each width x learning rate x preset x seed on the bytes of some Python standard
+library sources (real text every machine has), evaluates the mean next-byte loss on other modules'
+sources (held out), and reports per preset the best learning rate at each width and its drift
+across widths in grid steps (log2 of the lr ratio over the grid's ratio). The JSON file is the
+state: a sweep resumes from it, skipping the runs it holds (the settings must match).
+"""
+
+import json
+import math
+import os
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .modules import MambaLM
+from .mup import Parameterization, keep_lr_scale
+from .train import CORPUS_MODULES, _warmup_cosine, corpus
+
+HELD_OUT_MODULES = ("shutil", "textwrap", "tokenize")  # not in CORPUS_MODULES
+
+
+def run(preset: str, optimizer: str, d_model: int, lr: float, seed: int, settings: dict) -> dict:
+    """One training run; returns {"train_loss", "eval_loss"} (inf when the run diverged)."""
+    s = settings
+    torch.manual_seed(seed)
+    model = MambaLM(d_model, s["n_layer"], vocab_size=256, d_state=s["d_state"], tie_embeddings=False)
+    p = Parameterization(preset, optimizer, base_d_inner=2 * s["base_d_model"], base_d_state=s["d_state"])
+    p.parameterize_(model, torch.Generator().manual_seed(seed))
+    groups = p.param_groups(model, lr)
+    opt = keep_lr_scale(torch.optim.AdamW(groups, weight_decay=0.0) if optimizer == "adam" else
+                        torch.optim.SGD(groups))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _warmup_cosine(step, s["steps"]))
+    text, held_out = corpus(CORPUS_MODULES), corpus(HELD_OUT_MODULES)
+    g = torch.Generator().manual_seed(seed)  # the data order: the same for every width, lr and preset
+    train_loss = math.inf
+    for _ in range(s["steps"]):
+        offsets = torch.randint(0, len(text) - s["seqlen"], (s["batch"],), generator=g)
+        batch = torch.stack([text[o:o + s["seqlen"]] for o in offsets.tolist()])
+        loss = model.loss(batch)
+        if not torch.isfinite(loss):
+            return dict(train_loss=math.inf, eval_loss=math.inf)
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        train_loss = loss.item()
+    with torch.no_grad():
+        n = s["eval_batches"] * s["batch"]
+        starts = torch.linspace(0, len(held_out) - s["seqlen"] - 1, n).long().tolist()  # fixed, spread over the text
+        batch = torch.stack([held_out[o:o + s["seqlen"]] for o in starts])
+        logits = torch.cat([model(chunk[:, :-1]) for chunk in batch.split(s["batch"])])
+        eval_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1)).item()
+    return dict(train_loss=train_loss, eval_loss=eval_loss if math.isfinite(eval_loss) else math.inf)
+
+
+def _key(r: dict):
+    return (r["preset"], r["d_model"], r["lr"], r["seed"])
+
+
+def sweep(presets: Sequence[str], optimizer: str, widths: Sequence[int], lrs: Sequence[float], seeds: Sequence[int],
+          settings: dict, json_path: Optional[str] = None, progress: bool = True) -> dict:
+    """Every run not yet in json_path (written after each run); returns the whole result."""
+    state = dict(optimizer=optimizer, settings=settings, runs=[])
+    if json_path and os.path.exists(json_path):
+        with open(json_path) as f:
+            saved = json.load(f)
+        if saved.get("optimizer") != optimizer or saved.get("settings") != settings:
+            raise ValueError(f"{json_path}: holds a sweep with other settings ({saved.get('optimizer')}, "
+                             f"{saved.get('settings')}); use another file to change them")
+        state["runs"] = saved["runs"]
+    done = {_key(r) for r in state["runs"]}
+    todo = [(p, w, lr, seed) for p in presets for w in widths for lr in lrs for seed in seeds
+            if (p, w, lr, seed) not in done]
+    from tqdm import tqdm
+    for preset, width, lr, seed in tqdm(todo, desc=f"lr-sweep {optimizer}", unit="run", disable=not progress):
+        state["runs"].append(dict(preset=preset, d_model=width, lr=lr, seed=seed,
+                                  **run(preset, optimizer, width, lr, seed, settings)))
+        if json_path:
+            with open(json_path + ".tmp", "w") as f:
+                json.dump(state, f, indent=1)
+            os.replace(json_path + ".tmp", json_path)  # a sweep killed mid-write keeps the last good file
+    state["report"] = report(state["runs"], presets, widths, lrs, seeds)
+    return state
+
+
+def report(runs: List[dict], presets, widths, lrs, seeds) -> Dict[str, dict]:
+    """Per preset: at each width the mean eval loss per lr (over seeds), the best lr and its loss, whether
+    every seed alone picks that lr, and the drift of the best lr across widths in grid steps."""
+    grid = sorted(lrs)
+    step = math.log2(grid[1] / grid[0]) if len(grid) > 1 else 1.0
+    table = {_key(r): r["eval_loss"] for r in runs}
+    out = {}
+    for preset in presets:
+        per_width = {}
+        for w in widths:
+            mean = {lr: sum(table[(preset, w, lr, s)] for s in seeds) / len(seeds) for lr in grid}
+            best = min(grid, key=lambda lr: mean[lr])
+            per_seed = [min(grid, key=lambda lr: table[(preset, w, lr, s)]) for s in seeds]
+            per_width[w] = dict(loss_by_lr=mean, best_lr=best, best_loss=mean[best],
+                                seeds_agree=all(b == best for b in per_seed))
+        best_steps = [math.log2(per_width[w]["best_lr"]) / step for w in widths]
+        out[preset] = dict(widths=per_width, drift_steps=round(max(best_steps) - min(best_steps), 6))
+    return out
+
+
+def plot(result: dict, path: str) -> None:
+    """Held-out loss against log2 lr, one panel per preset, one line per width."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    presets = list(result["report"])
+    fig, axes = plt.subplots(1, len(presets), figsize=(5 * len(presets), 4), squeeze=False, sharey=True)
+    for ax, preset in zip(axes[0], presets):
+        for w, row in result["report"][preset]["widths"].items():
+            lrs = sorted(row["loss_by_lr"], key=float)
+            ax.plot([float(lr) for lr in lrs], [row["loss_by_lr"][lr] for lr in lrs], marker="o", label=f"d_model {w}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"base learning rate ({result['optimizer']})")
+        ax.set_title(f"{preset}: best lr drifts {result['report'][preset]['drift_steps']:g} grid steps")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("held-out loss (nats/byte)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser):
+    from .cli_args import positive_float, positive_int
+    parser.add_argument("--presets", nargs="+", default=["sp", "mup_ssm"],
+                        choices=["sp", "mup", "spectral", "mup_ssm", "mup_ssm_asymptotic"])
+    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    parser.add_argument("--widths", type=positive_int, nargs="+", default=[32, 64, 128, 256], help="d_model values")
+    parser.add_argument("--lrs", type=positive_float, nargs="+", help="base learning rates (default: 2^-12 .. 2^-5 "
+                        "for Adam, 2^-4 .. 2^3 for SGD)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=positive_int, default=150)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--seqlen", type=positive_int, default=128)
+    parser.add_argument("--n-layer", type=positive_int, default=2)
+    parser.add_argument("--d-state", type=positive_int, default=16)
+    parser.add_argument("--base-d-model", type=positive_int, help="the width the presets are SP at (default: the "
+                        "smallest of --widths)")
+    parser.add_argument("--eval-batches", type=positive_int, default=8)
+    parser.add_argument("--json", metavar="PATH", help="the sweep's state: written after each run, resumed from")
+    parser.add_argument("--plot", metavar="PNG")
+
+
+def main(parser, args) -> int:
+    from .cli_args import check_output_path
+    if args.seqlen < 2:
+        parser.error(f"--seqlen: must be at least 2, got {args.seqlen}")
+    lrs = args.lrs or [2.0 ** e for e in (range(-12, -4) if args.optimizer == "adam" else range(-4, 4))]
+    for flag, values in (("--widths", args.widths), ("--lrs", lrs), ("--seeds", args.seeds),
+                         ("--presets", args.presets)):
+        if len(set(values)) != len(values):
+            parser.error(f"{flag}: repeated values {values}")
+    if len(lrs) < 2:
+        parser.error("--lrs: at least two learning rates")
+    for name in ("json", "plot"):
+        check_output_path(parser, f"--{name}", getattr(args, name))
+    settings = dict(steps=args.steps, batch=args.batch, seqlen=args.seqlen, n_layer=args.n_layer,
+                    d_state=args.d_state, base_d_model=args.base_d_model or min(args.widths),
+                    eval_batches=args.eval_batches)
+    try:
+        result = sweep(args.presets, args.optimizer, args.widths, sorted(lrs), args.seeds, settings, args.json)
+    except ValueError as err:
+        parser.error(f"--json: {err}")
+    for preset, r in result["report"].items():
+        print(f"{preset} ({args.optimizer}): best lr drifts {r['drift_steps']:g} grid steps across d_model "
+              f"{args.widths}")
+        for w, row in r["widths"].items():
+            print(f"  d_model {w:>5}: best lr {row['best_lr']:.3g}, held-out loss {row['best_loss']:.4f}"
+                  f"{'' if row['seeds_agree'] else '  (seeds disagree)'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.plot:
+        plot(result, args.plot)
+    return 0

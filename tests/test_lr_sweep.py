@@ -1,0 +1,58 @@
+"""`python -m ssm_kernels lr-sweep` on tiny sizes: the report, resuming from the JSON, the plot."""
+
+import json
+
+import pytest
+
+from ssm_kernels import __main__ as cli
+from ssm_kernels import lr_sweep
+
+TINY = ["--widths", "16", "32", "--lrs", "0.001", "0.004", "--seeds", "0", "1", "--steps", "2", "--batch", "2",
+        "--seqlen", "16", "--eval-batches", "1"]
+
+
+def test_sweep_reports_resumes_and_plots(tmp_path, monkeypatch, capsys):
+    path, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    assert cli.main(["lr-sweep", *TINY, "--json", str(path), "--plot", str(png)]) == 0
+    result = json.loads(path.read_text())
+    assert len(result["runs"]) == 2 * 2 * 2 * 2  # presets x widths x lrs x seeds
+    assert all(r["eval_loss"] > 0 for r in result["runs"])
+    for preset in ("sp", "mup_ssm"):
+        rep = result["report"][preset]
+        assert set(rep["widths"]) == {"16", "32"} and rep["drift_steps"] in (0, 1)
+        for row in rep["widths"].values():
+            assert row["best_loss"] == min(row["loss_by_lr"].values())
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "best lr drifts" in capsys.readouterr().out
+    # Resuming: nothing left to run, the same report.
+    monkeypatch.setattr(lr_sweep, "run", lambda *a, **k: pytest.fail("a finished run was run again"))
+    assert cli.main(["lr-sweep", *TINY, "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["report"] == result["report"]
+
+
+def test_report_best_lr_drift_and_seed_agreement():
+    runs = [dict(preset="sp", d_model=w, lr=lr, seed=s, eval_loss=loss)
+            for w, best in ((16, 0.01), (64, 0.04)) for lr in (0.01, 0.02, 0.04) for s in (0, 1)
+            for loss in [1.0 + abs(lr - best) + (0.001 if s else 0.0)]]
+    rep = lr_sweep.report(runs, ["sp"], [16, 64], [0.01, 0.02, 0.04], [0, 1])["sp"]
+    assert rep["widths"][16]["best_lr"] == 0.01 and rep["widths"][64]["best_lr"] == 0.04
+    assert rep["drift_steps"] == pytest.approx(2.0)  # a factor 4 on a grid of factor 2
+    assert all(row["seeds_agree"] for row in rep["widths"].values())
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--lrs", "0.01"], "--lrs"), (["--lrs", "0.01", "0.01"], "--lrs"), (["--widths", "0"], "--widths"),
+    (["--steps", "0"], "--steps"), (["--seqlen", "1"], "--seqlen"), (["--lrs", "nan", "1"], "--lrs"),
+    (["--json", "/no/such/folder/s.json"], "--json")])
+def test_bad_sweep_arguments_exit_2(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["lr-sweep", *argv])
+    assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path, capsys):
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(dict(optimizer="adam", settings=dict(steps=999), runs=[])))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["lr-sweep", *TINY, "--json", str(path)])
+    assert exit_info.value.code == 2 and "other settings" in capsys.readouterr().err
