@@ -70,10 +70,8 @@ def _add_coord_check_arguments(parser):
 
 def _check_coord_check_arguments(parser, args):
     from .mup import coord_check as cc
-    widths = cc.DEFAULTS[args.sweep]["widths"] if args.widths is None else args.widths
-    fixed = cc.DEFAULTS[args.sweep]["fixed"] if args.fixed is None else args.fixed
     try:
-        cc.check_settings(args.sweep, widths, fixed)
+        cc.sweep_settings(args.sweep, args.widths, args.fixed)
     except ValueError as err:
         parser.error(f"--{err}")
     if args.dt_min >= args.dt_max:

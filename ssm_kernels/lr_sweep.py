@@ -7,6 +7,7 @@ across widths in grid steps (log2 of the lr ratio over the grid's ratio). The JS
 state: a sweep resumes from it, skipping the runs it holds (the settings must match).
 """
 
+import functools
 import json
 import math
 import os
@@ -22,6 +23,12 @@ from .train import CORPUS_MODULES, _warmup_cosine, corpus
 HELD_OUT_MODULES = ("shutil", "textwrap", "tokenize")  # not in CORPUS_MODULES
 
 
+@functools.lru_cache(maxsize=None)
+def _texts():
+    """(training text, held-out text): read once per process, not once per run."""
+    return corpus(CORPUS_MODULES), corpus(HELD_OUT_MODULES)
+
+
 def run(preset: str, optimizer: str, d_model: int, lr: float, seed: int, settings: dict) -> dict:
     """One training run; returns {"train_loss", "eval_loss"} (inf when the run diverged)."""
     s = settings
@@ -33,7 +40,7 @@ def run(preset: str, optimizer: str, d_model: int, lr: float, seed: int, setting
     opt = keep_lr_scale(torch.optim.AdamW(groups, weight_decay=0.0) if optimizer == "adam" else
                         torch.optim.SGD(groups))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _warmup_cosine(step, s["steps"]))
-    text, held_out = corpus(CORPUS_MODULES), corpus(HELD_OUT_MODULES)
+    text, held_out = _texts()
     g = torch.Generator().manual_seed(seed)  # the data order: the same for every width, lr and preset
     train_loss = math.inf
     for _ in range(s["steps"]):

@@ -4,7 +4,7 @@ imports neither library."""
 
 from torch import nn
 
-from ..modules.declarations import (Declaration, MixerShape, OutputMultiplier, persist_multipliers,
+from ..modules.declarations import (Declaration, MixerShape, OutputMultiplier, declare_norm, persist_multipliers,
                                     register_declaration)
 from ..modules.mamba import MAMBA_ROLES
 from .patching import ScanMultipliers
@@ -55,15 +55,11 @@ def _mamba_ssm_lm(module: nn.Module) -> Declaration:
     return _lm(module, module.backbone.embedding, module.config.n_layer)
 
 
-def _norm(module: nn.Module) -> Declaration:
-    return Declaration(roles={name: "norm" for name, _ in module.named_parameters(recurse=False)})
-
-
 FOREIGN_DECLARATIONS = (
         (f"{HF_MAMBA}.MambaMixer", _hf_mixer), (f"{HF_FALCON}.FalconMambaMixer", _hf_mixer),
-        (f"{HF_MAMBA}.MambaRMSNorm", _norm), (f"{HF_FALCON}.FalconMambaRMSNorm", _norm),
+        (f"{HF_MAMBA}.MambaRMSNorm", declare_norm), (f"{HF_FALCON}.FalconMambaRMSNorm", declare_norm),
         (f"{HF_MAMBA}.MambaForCausalLM", _hf_lm), (f"{HF_FALCON}.FalconMambaForCausalLM", _hf_lm),
-        (f"{MAMBA_SSM_MIXER}.Mamba", _mamba_ssm_mixer), ("mamba_ssm.ops.triton.layer_norm.RMSNorm", _norm),
+        (f"{MAMBA_SSM_MIXER}.Mamba", _mamba_ssm_mixer), ("mamba_ssm.ops.triton.layer_norm.RMSNorm", declare_norm),
         ("mamba_ssm.models.mixer_seq_simple.MambaLMHeadModel", _mamba_ssm_lm))
 for _path, _declare in FOREIGN_DECLARATIONS:
     register_declaration(_path, _declare)

@@ -103,12 +103,13 @@ def _declare_embedding(module: nn.Module) -> Declaration:
     return Declaration(roles={"weight": "embedding"})
 
 
-def _declare_norm(module: nn.Module) -> Declaration:
+def declare_norm(module: nn.Module) -> Declaration:
+    """Every parameter of a norm module (weight, and bias where it has one) has the role "norm"."""
     return Declaration(roles={name: "norm" for name, _ in module.named_parameters(recurse=False)})
 
 
 register_declaration(class_name(nn.Embedding), _declare_embedding)
-register_declaration(class_name(nn.LayerNorm), _declare_norm)
+register_declaration(class_name(nn.LayerNorm), declare_norm)
 
 
 # -- multiplier slots that survive save / load ----------------------------------------------------
@@ -158,7 +159,6 @@ def _save_multipliers(module, state_dict, prefix, local_metadata):
 
 
 def _load_multipliers(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    pairs = list(declaration(module).slots.values())
     saved = state_dict.pop(prefix + MULTIPLIER_KEY, None)
     if saved is None:
         current = _slot_values(module)
@@ -167,11 +167,18 @@ def _load_multipliers(module, state_dict, prefix, local_metadata, strict, missin
                           f"{current}; the loaded weights now compute a different function than where they came "
                           "from (set the multipliers to 1 for an unparameterized checkpoint)", stacklevel=2)
         return
+    error = _apply_saved(list(declaration(module).slots.values()), saved, prefix + MULTIPLIER_KEY)
+    if error:
+        error_msgs.append(error)
+
+
+def _apply_saved(pairs, saved: Tensor, key: str) -> Optional[str]:
+    """Sets the slots from a saved tensor; the error message when the counts differ."""
     if saved.numel() != len(pairs):
-        error_msgs.append(f"{prefix}{MULTIPLIER_KEY}: {saved.numel()} multipliers saved, this module has {len(pairs)}")
-        return
+        return f"{key}: {saved.numel()} multipliers saved, the module has {len(pairs)}"
     for (obj, attr), value in zip(pairs, saved.tolist()):
         setattr(obj, attr, value)
+    return None
 
 
 def restore_multipliers(model: nn.Module, state_dict: Dict[str, Tensor]) -> nn.Module:
@@ -182,15 +189,13 @@ def restore_multipliers(model: nn.Module, state_dict: Dict[str, Tensor]) -> nn.M
         if not d.slots:
             continue
         persist_multipliers(module)
-        saved = state_dict.get((prefix + "." if prefix else "") + MULTIPLIER_KEY)
+        key = (prefix + "." if prefix else "") + MULTIPLIER_KEY
+        saved = state_dict.get(key)
         if saved is None:
             continue
-        pairs = list(d.slots.values())
-        if saved.numel() != len(pairs):
-            raise ValueError(f"{prefix}.{MULTIPLIER_KEY}: {saved.numel()} multipliers saved, the module has "
-                             f"{len(pairs)}")
-        for (obj, attr), value in zip(pairs, saved.tolist()):
-            setattr(obj, attr, value)
+        error = _apply_saved(list(d.slots.values()), saved, key)
+        if error:
+            raise ValueError(error)
     return model
 
 

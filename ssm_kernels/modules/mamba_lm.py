@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .declarations import Declaration, mamba_init_, persist_multipliers
+from .declarations import Declaration, declare_norm, mamba_init_, persist_multipliers
 from .inference import InferenceParams, sample
 from .mamba import Mamba, rms_norm
 
@@ -25,7 +25,7 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
     def declaration(self) -> Declaration:
-        return Declaration(roles={"weight": "norm"})
+        return declare_norm(self)
 
 
 class Block(nn.Module):

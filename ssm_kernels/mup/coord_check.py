@@ -31,10 +31,13 @@ DEFAULT_LR = dict(adam=3e-3, sgd=0.3)
 EXPAND = 2  # d_model = d_inner / EXPAND in the measured models
 
 
-def check_settings(sweep: str, widths: Sequence[int], fixed: int) -> None:
-    """ValueError naming the setting when a sweep cannot be built as asked."""
+def sweep_settings(sweep: str, widths: Optional[Sequence[int]], fixed: Optional[int]):
+    """(widths, fixed) with the defaults filled in; ValueError naming the setting when a sweep cannot
+    be built as asked."""
     if sweep not in SWEEPS:
         raise ValueError(f"sweep: expected one of {SWEEPS}, got {sweep!r}")
+    widths = list(DEFAULTS[sweep]["widths"] if widths is None else widths)
+    fixed = DEFAULTS[sweep]["fixed"] if fixed is None else fixed
     if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in list(widths) + [fixed]):
         raise ValueError(f"widths, fixed: positive integers, got widths {list(widths)}, fixed {fixed}")
     if len(widths) < 2 or len(set(widths)) != len(widths):
@@ -44,6 +47,7 @@ def check_settings(sweep: str, widths: Sequence[int], fixed: int) -> None:
         what = "widths" if sweep == "d_inner" else "fixed"
         raise ValueError(f"{what}: d_inner must be a multiple of {EXPAND} (d_model = d_inner / {EXPAND}), "
                          f"got {list(d_inners)}")
+    return widths, fixed
 
 
 class Recorder:
@@ -128,11 +132,7 @@ def coord_check(preset: str, optimizer: str, sweep: str, widths: Optional[Sequen
         raise ValueError(f"preset: expected one of {tuple(PRESETS)}, got {preset!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {optimizer!r}")
-    if sweep not in SWEEPS:
-        raise ValueError(f"sweep: expected one of {SWEEPS}, got {sweep!r}")
-    widths = list(DEFAULTS[sweep]["widths"] if widths is None else widths)
-    fixed = DEFAULTS[sweep]["fixed"] if fixed is None else fixed
-    check_settings(sweep, widths, fixed)
+    widths, fixed = sweep_settings(sweep, widths, fixed)
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr: must be a finite number > 0, got {lr}")
     shapes = [(w, fixed) if sweep == "d_inner" else (fixed, w) for w in widths]
