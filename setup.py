@@ -39,6 +39,9 @@ def extension_modules():
 
 
 ext_modules, cmdclass = extension_modules()
+# The transformers releases whose Mamba modules ssm_kernels.integrations is tested with (5.24, 5.25):
+# a new minor release changes them (5.25 did), so the range opens only once a release is tested.
+TRANSFORMERS = "transformers>=5.24,<5.26"
 
 setup(
     name="ssm_kernels",
@@ -58,11 +61,10 @@ setup(
         "plot": ["matplotlib>=3.5"],
         # setuptools >= 70.1 builds csrc/ editable without the wheel package (README's test command
         # builds it with --no-build-isolation, so the venv's own setuptools is the one that runs).
-        # transformers: the integration tests (its Mamba modules as of 5.24 are what we patch);
-        # einops: mamba_ssm's modules, which README's test command installs without its CUDA build.
-        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5", "setuptools>=70.1",
-                 "transformers>=5.24,<6", "einops"],
-        "transformers": ["transformers>=5.24,<6"],
+        # transformers: the integration tests; einops: mamba_ssm's modules, which README's test
+        # command installs without its CUDA build. The exact versions CI uses: .ci/constraints.txt.
+        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5", "setuptools>=70.1", TRANSFORMERS, "einops"],
+        "transformers": [TRANSFORMERS],
         "conv": ["causal-conv1d>=1.4"],
     },
     ext_modules=ext_modules,

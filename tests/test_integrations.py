@@ -125,10 +125,85 @@ def test_transformers_patch_is_idempotent_and_undone():
 
 
 def test_falcon_mamba_inner_fn_declines_so_training_runs_transformers_path(patched):
-    """transformers normalizes FalconMamba's dt before dt_proj, mamba_ssm's fused function after it:
-    our stand-in declines the fused call, so the model computes one function in train and eval."""
-    assert modeling_falcon_mamba.mamba_inner_fn(None) is None
-    assert modeling_mamba.mamba_inner_fn is not None
+    """transformers normalizes FalconMamba's dt before dt_proj, mamba_ssm's fused function after it.
+    5.24 still calls the fused function in training: our stand-in declines it, so the model computes
+    one function in train and eval. 5.25 has no fused path for FalconMamba: nothing is added."""
+    if "mamba_inner_fn" in patched_names(patched, modeling_falcon_mamba):
+        assert modeling_falcon_mamba.mamba_inner_fn(None) is None
+    else:
+        assert not hasattr(modeling_falcon_mamba, "mamba_inner_fn")
+    assert modeling_mamba.mamba_inner_fn.__module__ == "ssm_kernels.integrations.transformers_models"
+
+
+def patched_names(patch, module):
+    return {attr for owner, attr, _ in patch._saved if owner is module}
+
+
+def test_every_hook_point_the_version_has_is_patched(patched):
+    """The required functions in both modeling modules, mamba_inner_fn where the version has it,
+    and both mixers' forward; undo restores each."""
+    from ssm_kernels.integrations.transformers_models import REQUIRED_HOOKS
+    for module in (modeling_mamba, modeling_falcon_mamba):
+        names = patched_names(patched, module)
+        assert set(REQUIRED_HOOKS) <= names
+        assert ("mamba_inner_fn" in names) == ("mamba_inner_fn" in vars(module))
+        for name in names - {"MambaMixer", "FalconMambaMixer"}:
+            assert getattr(module, name).__module__.startswith("ssm_kernels."), name
+    assert modeling_mamba.MambaMixer in {owner for owner, attr, _ in patched._saved if attr == "forward"}
+
+
+def test_a_modeling_module_without_a_hook_point_is_refused_before_anything_is_patched(monkeypatch):
+    from ssm_kernels.integrations import patching
+    monkeypatch.delattr(modeling_falcon_mamba, "causal_conv1d_update")
+    before = (modeling_mamba.mamba_selective_scan, modeling_mamba.MambaMixer.forward)
+    with pytest.raises(RuntimeError, match="modeling_falcon_mamba: has no causal_conv1d_update.*nothing was patched"):
+        apply_to_transformers()
+    assert (modeling_mamba.mamba_selective_scan, modeling_mamba.MambaMixer.forward) == before
+    assert "transformers" not in patching._ACTIVE
+
+
+@pytest.mark.parametrize("cls,config_cls", HF)
+def test_a_mixer_that_bypasses_our_functions_raises(patched, monkeypatch, cls, config_cls):
+    """What a later transformers (or kernelize() with a hub mapping) could do: the mixer runs a scan
+    that is not ours. The multipliers would be dropped, so the patched forward refuses."""
+    module = modeling_mamba if cls is MambaForCausalLM else modeling_falcon_mamba
+    original = next(old for owner, attr, old in patched._saved if owner is module and attr == "mamba_selective_scan")
+    monkeypatch.setattr(module, "mamba_selective_scan", original)
+    model = hf_model(cls, config_cls, torch.float32).eval()
+    with pytest.raises(RuntimeError, match="not ssm_kernels'"):
+        model(torch.zeros(1, 4, dtype=torch.long))
+
+
+def prefill_and_steps(model, ids, prompt, stop):
+    """Logits of ids[:, prompt:stop] fed in one forward that continues from the prompt's cache, and
+    fed token by token from another copy of that cache; then one more token on each cache."""
+    one = model(ids[:, :prompt], use_cache=True).cache
+    prefill = model(ids[:, prompt:stop], cache=one, use_cache=True).logits
+    two = model(ids[:, :prompt], use_cache=True).cache
+    steps = torch.cat([model(ids[:, t:t + 1], cache=two, use_cache=True).logits for t in range(prompt, stop)], 1)
+    after = [model(ids[:, stop:stop + 1], cache=c, use_cache=True).logits for c in (one, two)]
+    return prefill, steps, after
+
+
+@pytest.mark.parametrize("cls,config_cls", HF)
+def test_prefill_continuing_from_a_cache_equals_token_by_token_decoding(patched, cls, config_cls):
+    """transformers' own chunked scan starts from zero when the cache already holds a state (its
+    code says so); the patched scan takes the cache's state as initial_state. A mup_ssm model, so
+    the multipliers are on: 6 tokens prefilled after a 5-token prompt equal 6 decoding steps and
+    the uncached forward, and the cache the prefill leaves decodes the next token the same."""
+    model = hf_model(cls, config_cls)
+    Parameterization("mup_ssm", "adam", base_d_inner=16, base_d_state=3).parameterize_(
+        model, torch.Generator().manual_seed(11))
+    model.eval()
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        prefill, steps, (after_prefill, after_steps) = prefill_and_steps(model, ids, 5, 11)
+        full = model(ids).logits
+    tol = dict(rtol=2e-6, atol=1e-6)  # transformers' logits are fp32
+    torch.testing.assert_close(prefill, steps, **tol)
+    torch.testing.assert_close(prefill, full[:, 5:11], **tol)
+    torch.testing.assert_close(after_prefill, after_steps, **tol)
+    torch.testing.assert_close(after_prefill, full[:, 11:12], **tol)
 
 
 # -- muP-SSM on transformers' models ---------------------------------------------------------
