@@ -11,8 +11,8 @@ current device (CUDA when present, else the CPU) and prints errors and times for
 import argparse
 import sys
 
-from .cli_args import (check_backends, check_output_path, default_device, device, nonnegative_int, positive_float,
-                       positive_int)
+from .cli_args import (check_backends, check_output_path, check_plot_path, default_device, device, nonnegative_int,
+                       positive_float, positive_int)
 from .ops.selective_scan.backends import CHUNKED_BACKENDS
 
 
@@ -76,8 +76,8 @@ def _check_coord_check_arguments(parser, args):
         parser.error(f"--{err}")
     if args.dt_min >= args.dt_max:
         parser.error(f"--dt-min {args.dt_min:g} must be below --dt-max {args.dt_max:g}")
-    for name in ("json", "plot"):
-        check_output_path(parser, f"--{name}", getattr(args, name))
+    check_output_path(parser, "--json", args.json)
+    check_plot_path(parser, "--plot", args.plot)
 
 
 def _coord_check(args):

@@ -78,3 +78,26 @@ def check_output_path(parser: argparse.ArgumentParser, flag: str, path) -> None:
         parser.error(f"{flag} {path}: the folder {folder} does not exist")
     if os.path.isdir(path):
         parser.error(f"{flag} {path}: is a folder, expected a file name")
+    import tempfile
+    try:  # a folder that exists but takes no new file (read-only, /proc) fails now, not after the run
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ssm_kernels_write_check"):
+            pass
+    except OSError as err:
+        parser.error(f"{flag} {path}: cannot write in {folder} ({err.strerror or err})")
+
+
+def check_plot_path(parser: argparse.ArgumentParser, flag: str, path) -> None:
+    """A plot the run will draw at its end: matplotlib importable, a format it writes, a writable folder."""
+    if path is None:
+        return
+    check_output_path(parser, flag, path)
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        parser.error(f"{flag}: drawing the plot needs matplotlib (pip install matplotlib, or the [plot] extra)")
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    suffix = os.path.splitext(path)[1].lstrip(".").lower()
+    if suffix not in formats:
+        parser.error(f"{flag} {path}: matplotlib writes {', '.join('.' + f for f in sorted(formats))}, "
+                     f"not {'.' + suffix if suffix else 'a file without a suffix'}")

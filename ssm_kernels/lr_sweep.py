@@ -67,17 +67,35 @@ def _key(r: dict):
     return (r["preset"], r["d_model"], r["lr"], r["seed"])
 
 
+_RUN_FIELDS = {"preset": str, "d_model": int, "lr": (int, float), "seed": int, "eval_loss": (int, float)}
+
+
+def load_runs(json_path: str, optimizer: str, settings: dict) -> List[dict]:
+    """The runs a saved sweep holds; a ValueError naming what is wrong with the file (so that a
+    resumed sweep stops before any work, not with a traceback at its end)."""
+    try:
+        with open(json_path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{json_path}: cannot be read as a sweep's JSON ({err})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("runs"), list):
+        raise ValueError(f"{json_path}: not a sweep's JSON (expected an object with a list 'runs')")
+    if saved.get("optimizer") != optimizer or saved.get("settings") != settings:
+        raise ValueError(f"{json_path}: holds a sweep with other settings ({saved.get('optimizer')}, "
+                         f"{saved.get('settings')}); use another file to change them")
+    for i, r in enumerate(saved["runs"]):
+        bad = [k for k, kind in _RUN_FIELDS.items() if not isinstance(r, dict) or not isinstance(r.get(k), kind)]
+        if bad:
+            raise ValueError(f"{json_path}: run {i} lacks {', '.join(bad)} (or has the wrong type)")
+    return saved["runs"]
+
+
 def sweep(presets: Sequence[str], optimizer: str, widths: Sequence[int], lrs: Sequence[float], seeds: Sequence[int],
           settings: dict, json_path: Optional[str] = None, progress: bool = True) -> dict:
     """Every run not yet in json_path (written after each run); returns the whole result."""
     state = dict(optimizer=optimizer, settings=settings, runs=[])
     if json_path and os.path.exists(json_path):
-        with open(json_path) as f:
-            saved = json.load(f)
-        if saved.get("optimizer") != optimizer or saved.get("settings") != settings:
-            raise ValueError(f"{json_path}: holds a sweep with other settings ({saved.get('optimizer')}, "
-                             f"{saved.get('settings')}); use another file to change them")
-        state["runs"] = saved["runs"]
+        state["runs"] = load_runs(json_path, optimizer, settings)
     done = {_key(r) for r in state["runs"]}
     todo = [(p, w, lr, seed) for p in presets for w in widths for lr in lrs for seed in seeds
             if (p, w, lr, seed) not in done]
@@ -95,9 +113,9 @@ def sweep(presets: Sequence[str], optimizer: str, widths: Sequence[int], lrs: Se
 
 def report(runs: List[dict], presets, widths, lrs, seeds) -> Dict[str, dict]:
     """Per preset: at each width the mean eval loss per lr (over seeds), the best lr and its loss, whether
-    every seed alone picks that lr, and the drift of the best lr across widths in grid steps."""
+    every seed alone picks that lr, and the drift of the best lr across widths in steps of the grid
+    given (positions in the sorted lrs, whatever their spacing)."""
     grid = sorted(lrs)
-    step = math.log2(grid[1] / grid[0]) if len(grid) > 1 else 1.0
     table = {_key(r): r["eval_loss"] for r in runs}
     out = {}
     for preset in presets:
@@ -108,8 +126,8 @@ def report(runs: List[dict], presets, widths, lrs, seeds) -> Dict[str, dict]:
             per_seed = [min(grid, key=lambda lr: table[(preset, w, lr, s)]) for s in seeds]
             per_width[w] = dict(loss_by_lr=mean, best_lr=best, best_loss=mean[best],
                                 seeds_agree=all(b == best for b in per_seed))
-        best_steps = [math.log2(per_width[w]["best_lr"]) / step for w in widths]
-        out[preset] = dict(widths=per_width, drift_steps=round(max(best_steps) - min(best_steps), 6))
+        positions = [grid.index(per_width[w]["best_lr"]) for w in widths]
+        out[preset] = dict(widths=per_width, drift_steps=max(positions) - min(positions))
     return out
 
 
@@ -157,9 +175,14 @@ def add_arguments(parser):
 
 
 def main(parser, args) -> int:
-    from .cli_args import check_output_path
+    from .cli_args import check_output_path, check_plot_path
     if args.seqlen < 2:
         parser.error(f"--seqlen: must be at least 2, got {args.seqlen}")
+    text, held_out = _texts()
+    shortest = min(len(text), len(held_out) - 1)  # evaluation reads seqlen + 1 bytes from the held-out text
+    if args.seqlen >= shortest:
+        parser.error(f"--seqlen: must be below {shortest:,} (the training text has {len(text):,} bytes, the held-out "
+                     f"text {len(held_out):,}), got {args.seqlen}")
     lrs = args.lrs or [2.0 ** e for e in (range(-12, -4) if args.optimizer == "adam" else range(-4, 4))]
     for flag, values in (("--widths", args.widths), ("--lrs", lrs), ("--seeds", args.seeds),
                          ("--presets", args.presets)):
@@ -167,15 +190,17 @@ def main(parser, args) -> int:
             parser.error(f"{flag}: repeated values {values}")
     if len(lrs) < 2:
         parser.error("--lrs: at least two learning rates")
-    for name in ("json", "plot"):
-        check_output_path(parser, f"--{name}", getattr(args, name))
+    check_output_path(parser, "--json", args.json)
+    check_plot_path(parser, "--plot", args.plot)
     settings = dict(steps=args.steps, batch=args.batch, seqlen=args.seqlen, n_layer=args.n_layer,
                     d_state=args.d_state, base_d_model=args.base_d_model or min(args.widths),
                     eval_batches=args.eval_batches)
-    try:
-        result = sweep(args.presets, args.optimizer, args.widths, sorted(lrs), args.seeds, settings, args.json)
-    except ValueError as err:
-        parser.error(f"--json: {err}")
+    if args.json and os.path.exists(args.json):
+        try:
+            load_runs(args.json, args.optimizer, settings)  # what sweep resumes from, checked before any run
+        except ValueError as err:
+            parser.error(f"--json: {err}")
+    result = sweep(args.presets, args.optimizer, args.widths, sorted(lrs), args.seeds, settings, args.json)
     for preset, r in result["report"].items():
         print(f"{preset} ({args.optimizer}): best lr drifts {r['drift_steps']:g} grid steps across d_model "
               f"{args.widths}")

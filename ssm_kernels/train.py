@@ -63,6 +63,13 @@ def check_arguments(parser: argparse.ArgumentParser, args):
         parser.error(f"--seqlen: must be at least 2, got {args.seqlen}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr: must be a positive number, got {args.lr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        parser.error(f"--weight-decay: must be a finite number >= 0, got {args.weight_decay}")
+    text_length = len(corpus())
+    if args.seqlen >= text_length:
+        parser.error(f"--seqlen: must be shorter than the training text ({text_length:,} bytes), got {args.seqlen}")
+    from .cli_args import check_backends
+    check_backends(parser, "--backend", [args.backend] if args.backend else [], _device())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % args.cp:
         parser.error(f"--cp {args.cp} does not divide the world size {world} (run under torchrun with "
@@ -89,13 +96,18 @@ def _context_parallel_group(cp: int):
     return mine
 
 
+def _device() -> torch.device:
+    """This rank's device: its local GPU under torchrun, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def train(args) -> dict:
     distributed = "WORLD_SIZE" in os.environ
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    device = _device()
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)

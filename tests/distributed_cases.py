@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import socket
+import sys
 import traceback
 
 import torch
@@ -36,9 +37,16 @@ def _entry(rank, world, port, body, args):
     try:
         body(rank, world, *args)
     except Exception:
-        raise RuntimeError(f"rank {rank} of {world}:\n{traceback.format_exc()}") from None
-    finally:
         dist.destroy_process_group()
+        raise RuntimeError(f"rank {rank} of {world}:\n{traceback.format_exc()}") from None
+    # A worker that passed leaves without Python's teardown: under spawn, that teardown destroys
+    # c10d's C++ objects while a gloo thread may still be live, and 1 run in 3 ended in std::terminate
+    # (SIGABRT, "terminate called without an active exception") after every check had passed.
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(body, world, *args):
@@ -274,3 +282,28 @@ def check_data_parallel(rank, world, steps=3):
     compiled = torch.compile(ddp, backend="aot_eager")
     for name, q in train(compiled, ddp, "module.").items():
         assert_matches(f"compiled DDP: {name}", q.detach(), ref_params[name].detach(), torch.float32)
+
+
+def check_ranks_must_agree(rank, world):
+    """What the ranks must share, given differently on one rank: the same ValueError, naming the
+    argument, on every rank (it used to be a gloo abort on one rank and a reset connection on the
+    other); afterwards the group still works."""
+    import pytest
+    g = torch.Generator().manual_seed(0)
+
+    def inputs(dim=4, seqlen=3, d_state=3):
+        return (torch.randn(1, dim, seqlen, generator=g), torch.rand(1, dim, seqlen, generator=g),
+                -torch.rand(dim, d_state, generator=g), torch.randn(1, d_state, seqlen, generator=g),
+                torch.randn(1, d_state, seqlen, generator=g))
+
+    with pytest.raises(ValueError, match=r"u \(dim\): must be the same on every rank.*rank 0: 4, rank 1: 5"):
+        selective_scan_cp(*inputs(dim=4 + rank), backend="torch")
+    with pytest.raises(ValueError, match=r"A \(d_state\)"):
+        selective_scan_cp(*inputs(d_state=3 + rank), backend="torch")
+    h0 = torch.zeros(1, 4, 3, dtype=F64) if rank == 0 else None  # fp64 state with fp32 inputs on rank 0 only
+    with pytest.raises(ValueError, match=r"initial_state \(the state's dtype\).*torch.float64"):
+        selective_scan_cp(*inputs(), initial_state=h0, backend="torch")
+    with pytest.raises(ValueError, match="dt_scale"):
+        selective_scan_cp(*inputs(), dt_scale=1.0 + rank, backend="torch")
+    out, last = selective_scan_cp(*inputs(seqlen=2 + rank), return_last_state=True, backend="torch")
+    assert out.shape == (1, 4, 2 + rank) and torch.isfinite(last).all()

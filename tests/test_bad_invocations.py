@@ -48,9 +48,19 @@ BAD = [  # (argv, the flag the message must name)
     (["coord-check", "--plot", "/no/such/folder/cc.png"], "--plot"),
     (["train", "--steps", "0"], "--steps"),
     (["train", "--lr", "nan"], "--lr"),
+    (["train", "--weight-decay", "nan"], "--weight-decay"),
+    (["train", "--weight-decay", "-1"], "--weight-decay"),
+    (["train", "--seqlen", "10000000"], "--seqlen"),
+    (["train", "--backend", "triton"], "--backend"),
+    (["lr-sweep", "--seqlen", "600000"], "--seqlen"),
+    (["lr-sweep", "--json", "/proc/x.json"], "--json"),
+    (["lr-sweep", "--plot", "/proc/x.png"], "--plot"),
+    (["lr-sweep", "--plot", "sweep.xyz"], "--plot"),
+    (["coord-check", "--plot", "cc.xyz"], "--plot"),
 ]
 if CPP_REASON is not None:
     BAD.append((["check", "--backends", "cpp"], "--backends"))
+    BAD.append((["train", "--backend", "cpp"], "--backend"))
 
 
 @pytest.mark.parametrize("argv,flag", BAD, ids=[" ".join(a) for a, _ in BAD])
@@ -126,3 +136,52 @@ def test_multipliers_take_numpy_numbers_and_refuse_overflow():
         selective_scan_fn(u, delta, A, B, C, backend="torch", b_scale=10 ** 400)
     with pytest.raises(TypeError, match="c_scale"):
         selective_scan_fn(u, delta, A, B, C, backend="torch", c_scale=np.bool_(True))
+
+
+def test_lr_sweep_seqlen_longer_than_the_held_out_text_is_refused(capsys):
+    from ssm_kernels.lr_sweep import _texts
+    held_out = len(_texts()[1])
+    for batch in ("1", "2"):  # batch 1 used to evaluate silently on a shorter text, batch 2 to fail after training
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["lr-sweep", "--seqlen", str(held_out), "--batch", batch, "--widths", "8", "--steps", "1"])
+        assert exit_info.value.code == 2 and "--seqlen" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["[]", "null", '{"optimizer": "adam"}', "{", "RUNS WITHOUT EVAL_LOSS"])
+def test_lr_sweep_refuses_a_json_it_cannot_resume_from_before_any_run(content, tmp_path, capsys, monkeypatch):
+    from ssm_kernels import lr_sweep
+    argv = ["lr-sweep", "--widths", "8", "--lrs", "0.01", "0.02", "--seeds", "0", "--steps", "1", "--batch", "1",
+            "--seqlen", "8", "--n-layer", "1", "--d-state", "2", "--eval-batches", "1", "--presets", "sp"]
+    path = tmp_path / "sweep.json"
+    if content == "RUNS WITHOUT EVAL_LOSS":
+        settings = dict(steps=1, batch=1, seqlen=8, n_layer=1, d_state=2, base_d_model=8, eval_batches=1)
+        content = json.dumps(dict(optimizer="adam", settings=settings,
+                                  runs=[dict(preset="sp", d_model=8, lr=0.01, seed=0)]))
+    path.write_text(content)
+    monkeypatch.setattr(lr_sweep, "run", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv + ["--json", str(path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--json" in err and "Traceback" not in err, err
+
+
+def test_plot_flags_without_matplotlib_are_refused_before_any_work(monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    for argv in (["lr-sweep", "--plot", "x.png"], ["coord-check", "--plot", "x.png"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "matplotlib" in err, err
+
+
+def test_train_refuses_the_cpp_backend_where_it_is_not_built(monkeypatch, capsys):
+    """The check runs before the model is built (it used to fail after), also where the extension
+    is built: here its absence is simulated."""
+    from ssm_kernels.ops.selective_scan import compiled
+    monkeypatch.setattr(compiled, "extension_unavailable_reason", lambda: "the extension is not built (simulated)")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--backend", "cpp"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--backend cpp" in err and "simulated" in err, err

@@ -122,3 +122,28 @@ def test_matches_the_torch_backend_closely():
     assert_matches("out", a[0], b[0], torch.float32)
     for name in a[2]:
         assert_matches(f"d{name}", a[2][name], b[2][name], torch.float32)
+
+
+@NEEDS_EXTENSION
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d_state", [5, 16])
+def test_an_infinite_delta_gives_no_nan_from_the_padding_lanes(dtype, d_state):
+    """N = 5 pads to whole vectors with A = 0 there; delta = +inf (softplus on) made dt * A =
+    inf * 0 = NaN in the padded decays and ddelta NaN at that step. The gradients now equal the
+    "torch" backend's, also at that step, and are finite where its are."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(1, 2, 3, generator=g, dtype=dtype)
+    delta = torch.rand(1, 2, 3, generator=g, dtype=dtype)
+    delta[0, 0, 1] = float("inf")
+    A = -torch.rand(2, d_state, generator=g, dtype=torch.float32) - 0.1
+    B, C = (torch.randn(1, d_state, 3, generator=g, dtype=dtype) for _ in range(2))
+    grads = {}
+    for backend in ("cpp", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (u, delta, A, B, C)]
+        out = selective_scan_fn(*leaves, delta_softplus=True, backend=backend)
+        out[0, 0, 0].backward()
+        grads[backend] = [t.grad for t in leaves]
+    for name, got, expected in zip(("u", "delta", "A", "B", "C"), grads["cpp"], grads["torch"]):
+        assert torch.equal(torch.isfinite(got), torch.isfinite(expected)), name
+        torch.testing.assert_close(got, expected, equal_nan=True, msg=name)
+    assert grads["cpp"][1][0, 0, 1] == 0.0  # the step with delta = inf (NaN before)

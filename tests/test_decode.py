@@ -101,3 +101,37 @@ def test_step_takes_one_token_and_a_layer_index():
         mixer.step(torch.zeros(2, 3, 8, dtype=torch.float64), conv, ssm)
     with pytest.raises(ValueError, match="needs layer_idx"):
         Mamba(8, d_state=4)(torch.zeros(2, 3, 8), InferenceParams(5, 2))
+
+
+def test_generate_never_samples_a_padded_vocabulary_id(monkeypatch):
+    """vocab_size 37 pads the tables to 40 (mamba_ssm's convention); the model keeps its real size
+    and sampling (which drew ids 37-39 before) stays below it, even where the padded logits win."""
+    torch.manual_seed(0)
+    model = MambaLM(16, 1, 37, d_state=4, backend="torch")
+    assert (model.vocab_size, model.padded_vocab_size) == (37, 40)
+    assert model.lm_head.weight.shape[0] == model.backbone.embedding.weight.shape[0] == 40
+    forward = model.forward
+    boost = torch.cat([torch.zeros(37), torch.full((3,), 100.0)])  # the padded logits win by far
+    monkeypatch.setattr(model, "forward", lambda *a, **k: forward(*a, **k) + boost)
+    prompt = torch.randint(0, 37, (4, 3), generator=torch.Generator().manual_seed(1))
+    assert model(prompt).argmax(-1).min() >= 37
+    for kwargs in (dict(temperature=1.0), dict(temperature=0.0), dict(temperature=2.0, top_k=5)):
+        out = model.generate(prompt, 40, generator=torch.Generator().manual_seed(2), **kwargs)
+        assert int(out.max()) < 37, kwargs
+
+
+def test_a_tiny_temperature_samples_the_argmax():
+    """temperature 1e-40 (below fp32's normal range) used to end in 'probability tensor contains
+    inf, nan'; it is the greedy limit."""
+    logits = torch.tensor([[0.0, 3.0, 2.0, -1.0], [5.0, 1.0, 4.999, 0.0]])
+    for temperature in (1e-40, 1e-300):
+        assert sample(logits, temperature, generator=torch.Generator().manual_seed(0)).tolist() == [1, 0]
+    model = _model(False, torch.float32)
+    prompt = torch.zeros(1, 2, dtype=torch.long)
+    assert torch.equal(model.generate(prompt, 4, temperature=1e-40), model.generate(prompt, 4, temperature=0))
+
+
+def test_generate_names_input_ids_when_they_are_not_token_ids():
+    for prompt in (torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.bool)):
+        with pytest.raises(TypeError, match="input_ids"):
+            _model(False).generate(prompt, 2)

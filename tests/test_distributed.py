@@ -28,6 +28,17 @@ def _scan_and_lm(rank, world):
     cases.check_lm(rank, world, seqlens=(9, 21))
 
 
+def test_empty_shards_in_the_model_and_ranks_that_disagree():
+    """3 ranks, sequences of 2 and 3 tokens: shards of 0 steps in MambaLM (which crashed in its
+    reshape), against the whole-sequence model; then arguments that differ between ranks."""
+    cases.spawn(_empty_shards_and_disagreement, 3)
+
+
+def _empty_shards_and_disagreement(rank, world):
+    cases.check_lm(rank, world, seqlens=(2, 3))
+    cases.check_ranks_must_agree(rank, world)
+
+
 def test_bytes_per_rank_do_not_grow_with_seqlen(tmp_path):
     report = tmp_path / "bytes.json"
     cases.spawn(cases.check_bytes_per_step, 2, (32, 128, 512), str(report))

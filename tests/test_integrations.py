@@ -124,6 +124,42 @@ def test_transformers_patch_is_idempotent_and_undone():
     assert not patch.active
 
 
+def test_undo_is_refused_while_a_parameterized_model_needs_the_patch():
+    """undo() used to drop a mup_ssm model's dt/b/c multipliers silently while its embedding and
+    readout multipliers stayed: neither the muP model nor SP. It is refused while such a model
+    lives; setting its multipliers to 1 (the SP preset) or deleting it lets undo() through."""
+    import gc
+    patch = apply_to_transformers()
+    try:
+        hf = hf_model(MambaForCausalLM, MambaConfig)
+        p = Parameterization("mup_ssm", "adam", base_d_inner=16, base_d_state=3)
+        p.parameterize_(hf, torch.Generator().manual_seed(3))
+        ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+        expected = hf.eval()(ids).logits
+        with pytest.raises(RuntimeError, match=r"undo\(\): 2 mixer\(s\) of live models \(MambaMixer\)"):
+            patch.undo()
+        assert patch.active and modeling_mamba.mamba_selective_scan.__module__.startswith("ssm_kernels")
+        torch.testing.assert_close(hf(ids).logits, expected, rtol=0, atol=0)  # the model still computes its function
+        Parameterization("sp", "adam", base_d_inner=16, base_d_state=3).apply_multipliers(hf)
+        other = hf_model(FalconMambaForCausalLM, FalconMambaConfig)
+        p.apply_multipliers(other)
+        with pytest.raises(RuntimeError, match="FalconMambaMixer"):
+            patch.undo()
+        del other
+        gc.collect()
+    finally:
+        patch.undo()
+    assert not patch.active
+
+
+def test_an_unknown_backend_is_refused_when_patching():
+    from ssm_kernels.integrations import patching
+    for apply in (apply_to_transformers, apply_to_mamba_ssm):
+        with pytest.raises(ValueError, match="unknown backend 'bogus'"):
+            apply(backend="bogus")
+    assert not patching._ACTIVE
+
+
 def test_falcon_mamba_inner_fn_declines_so_training_runs_transformers_path(patched):
     """transformers normalizes FalconMamba's dt before dt_proj, mamba_ssm's fused function after it.
     5.24 still calls the fused function in training: our stand-in declines it, so the model computes

@@ -56,3 +56,12 @@ def test_resuming_with_other_settings_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["lr-sweep", *TINY, "--json", str(path)])
     assert exit_info.value.code == 2 and "other settings" in capsys.readouterr().err
+
+
+def test_drift_counts_steps_of_the_grid_given_even_when_uneven():
+    """--lrs 0.001 0.002 0.1: a best lr moving 0.002 -> 0.1 is one step of that grid (it used to be
+    read as 5.64 steps of the first two values' ratio)."""
+    lrs = [0.001, 0.002, 0.1]
+    runs = [dict(preset="sp", d_model=w, lr=lr, seed=0, eval_loss=1.0 + (lr != best))
+            for w, best in ((16, 0.002), (64, 0.1)) for lr in lrs]
+    assert lr_sweep.report(runs, ["sp"], [16, 64], lrs, [0])["sp"]["drift_steps"] == 1

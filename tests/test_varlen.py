@@ -124,7 +124,7 @@ def test_packed_model_equals_each_sequence_alone(backend, dtype):
     lengths = [2, 0, 1, 6] if backend == "triton" else [2, 0, 1, 70, 4]
     ids = torch.randint(0, 16, (1, sum(lengths)), generator=torch.Generator().manual_seed(1))
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int64)
-    weights = torch.randn(1, sum(lengths), model.vocab_size, generator=torch.Generator().manual_seed(2)).to(dtype)
+    weights = torch.randn(1, sum(lengths), model.padded_vocab_size, generator=torch.Generator().manual_seed(2)).to(dtype)
     packed = model(ids, cu_seqlens=cu)
     (packed * weights).sum().backward()
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -156,3 +156,44 @@ def test_packed_mamba_inner_fn_equals_each_sequence_alone():
     alone = torch.cat([mamba_inner_fn(xz[..., a:b], *args, **kwargs)
                        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()) if b > a], dim=1)
     assert_matches("out", packed, alone, torch.float64)
+
+
+@pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), ("triton", torch.float32), cpp_case(torch.float64)])
+def test_packed_forward_writes_every_saved_state_slot(backend, dtype):
+    """The slots between sequences used to stay as allocated (NaN here, garbage outside tests):
+    two eager calls returned different chunk_states, and opcheck's dynamic-shape test failed.
+    Every slot is now written, so the op's outputs are finite and the same call to call."""
+    from ssm_kernels.ops.selective_scan.checks import check_inputs
+    master, cu = _packed_inputs("variable", True, lengths=[0, 5, 5, 70] if backend != "triton" else [0, 5, 5, 20])
+    leaves = as_leaves(master, dtype)
+    B, C, groups = check_inputs(*(leaves[n] for n in ARGS), initial_state=leaves["initial_state"], state_rows=len(cu) - 1)
+    args = (leaves["u"], leaves["delta"], leaves["A"], B, C, leaves["D"], leaves["z"], leaves["delta_bias"],
+            leaves["initial_state"], groups, True, 0.5, 2.0, 0.25, backend, cu)
+    first = torch.ops.ssm_kernels.selective_scan_fwd(*args)
+    second = torch.ops.ssm_kernels.selective_scan_fwd(*args)
+    for a, b in zip(first, second):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+    if backend == "torch":
+        torch.library.opcheck(torch.ops.ssm_kernels.selective_scan_fwd.default, args)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (torch.tensor([[0, 2, 5]]), ValueError), (torch.tensor(5), ValueError), (torch.tensor([], dtype=torch.int64),
+                                                                             ValueError),
+    (torch.tensor([0, 2, 5], device="meta"), ValueError), ([0, 2, 5], TypeError)])
+def test_modules_name_a_malformed_cu_seqlens(bad, error):
+    """Mamba, MambaLM and mamba_inner_fn run the packed conv before the scan: its validation comes
+    first, so the error names cu_seqlens (it used to be searchsorted's, an IndexError, ...)."""
+    from ssm_kernels.modules import Mamba, MambaLM, mamba_inner_fn
+    torch.manual_seed(0)
+    lm = MambaLM(8, 1, 16, d_state=3, backend="torch")
+    mixer = lm.backbone.layers[0].mixer
+    xz = torch.randn(1, 2 * mixer.d_inner, 5)
+    calls = [lambda: lm(torch.zeros(1, 5, dtype=torch.long), cu_seqlens=bad),
+             lambda: Mamba(8, d_state=3)(torch.randn(1, 5, 8), cu_seqlens=bad),
+             lambda: mamba_inner_fn(xz, mixer.conv1d.weight, mixer.conv1d.bias, mixer.x_proj.weight,
+                                    mixer.dt_proj.weight, mixer.out_proj.weight, None, -torch.exp(mixer.A_log),
+                                    cu_seqlens=bad)]
+    for call in calls:
+        with pytest.raises(error, match="cu_seqlens"):
+            call()

@@ -114,6 +114,48 @@ def previous_inputs(x: Tensor, width: int, group=None) -> Tensor:
     return _tied(F.pad(before, (width - before.shape[-1], 0)), tails)
 
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dtype_code(dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else -1
+
+
+def _layout(X) -> int:
+    """B or C: 0 fixed (dim, N), 1 variable (batch, N, L), G + 1 grouped (batch, G, N, L)."""
+    if not isinstance(X, Tensor):
+        return -1
+    return {2: 0, 3: 1}.get(X.dim(), X.shape[1] + 1 if X.dim() == 4 else -1)
+
+
+def _check_ranks_agree(group, device, fields: dict) -> None:
+    """What every rank of the group must share (sizes, dtypes, layouts, flags, multipliers), in one
+    small all-gather: a rank that differs would otherwise leave the collectives below mismatched
+    (a gloo abort, or a hang). Raises the same ValueError, naming the argument, on every rank."""
+    mine = torch.tensor([float(v) for v in fields.values()], dtype=torch.float64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    table = torch.stack(parts).cpu()
+    for i, name in enumerate(fields):
+        column = table[:, i]
+        if not bool((column == column[0]).all()):
+            shown = [_DTYPES[int(v)] if "dtype" in name and v >= 0 else int(v) if v.is_integer() else v
+                     for v in column.tolist()]
+            raise ValueError(f"{name}: must be the same on every rank of the context-parallel group, got "
+                             + ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown)))
+
+
+def _empty_output(u, D, z, B, C) -> Tensor:
+    """An empty shard's output, (batch, dim, 0), computed from D, z and fixed B/C, so that autograd
+    reaches them on this rank too (zero gradients): DDP expects every parameter's gradient on
+    every rank. Only empty tensors and sums over nothing are involved, never a value."""
+    out = u.clone() if D is None else u * D.to(u.dtype)[:, None]
+    for X in (B, C):
+        if X.dim() == 2:  # fixed (dim, N): a sum over a zero-length slice is 0
+            out = out + X[:, :0].sum(-1).to(u.dtype)[:, None]
+    return out if z is None else out * F.silu(z)
+
+
 def selective_scan_cp(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False, *, dt_scale=1.0, b_scale=1.0, c_scale=1.0, initial_state=None,
                       group=None, backend=None):
@@ -143,6 +185,14 @@ def selective_scan_cp(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     state_dtype = BACKENDS[backend].state_dtype(u, A, B, C, h0)
     batch, dim, seqlen = u.shape
     d_state = A.shape[-1]
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+    _check_ranks_agree(group, u.device, {
+        "u (batch)": batch, "u (dim)": dim, "A (d_state)": d_state, "u (dtype)": _dtype_code(u.dtype),
+        "initial_state (the state's dtype)": _dtype_code(state_dtype), "B (layout)": _layout(B),
+        "C (layout)": _layout(C), "D (given)": D is not None, "z (given)": z is not None,
+        "delta_bias (given)": delta_bias is not None, "delta_softplus": bool(delta_softplus), **scales,
+        "requires_grad (of any input)": needs_grad})
 
     def scan(D_, z_, start, last_state):
         return selective_scan_fn(u, delta, A, B, C, D_, z_, delta_bias, delta_softplus, last_state,
@@ -152,7 +202,7 @@ def selective_scan_cp(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     out = None
     if seqlen == 0:
         final = h0.to(state_dtype) if h0 is not None else u.new_zeros(batch, dim, d_state, dtype=state_dtype)
-        out = u.new_empty(batch, dim, 0)
+        out = _empty_output(u, D, z, B, C)
     elif rank == 0:
         out, final = scan(D, z, h0, True)
     else:
@@ -163,8 +213,6 @@ def selective_scan_cp(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
                              delta_softplus, scales["dt_scale"]).sum(-1)  # (batch, dim)
     decay = torch.exp(A.to(state_dtype) * total_dt[..., None]).clamp(max=torch.finfo(state_dtype).max)
     summary = torch.stack([decay, final.to(state_dtype)])
-    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    needs_grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
     if needs_grad and not summary.requires_grad:  # an empty shard: still part of every rank's backward
         summary.requires_grad_()
     summaries = all_gather_with_grad(summary, group)  # (world, 2, batch, dim, N)

@@ -3,7 +3,11 @@ that carries a mixer's kernel multipliers into the functions those modules call.
 
 import contextvars
 import functools
+import gc
+import weakref
 from typing import Dict, List, Optional, Tuple
+
+from ..ops.selective_scan.backends import get_backend
 
 _MISSING = object()
 _ACTIVE: Dict[str, "Patch"] = {}
@@ -29,6 +33,16 @@ class Patch:
         return _ACTIVE.get(self.name) is self
 
     def undo(self) -> None:
+        """Restores the originals. Refused while a live model of a patched library carries width
+        multipliers other than 1: the library's own functions have none, so the model would
+        compute neither its parameterized function nor SP's (the state setting a multiplier on an
+        unpatched model refuses)."""
+        carrying = _carrying_multipliers(self.targets)
+        if carrying:
+            raise RuntimeError(f"undo(): {len(carrying)} mixer(s) of live models ({', '.join(sorted(set(carrying)))}) "
+                               "carry width multipliers that only ssm_kernels' kernels apply; delete those models, "
+                               "or set their multipliers to 1 (Parameterization('sp', ...).apply_multipliers(model))"
+                               ", then undo()")
         for owner, attr, old in reversed(self._saved):
             if old is _MISSING:
                 delattr(owner, attr)
@@ -43,7 +57,10 @@ class Patch:
 
 
 def start(name: str, backend: Optional[str]) -> Tuple[Patch, bool]:
-    """(patch, fresh): the active patch of that name, or a new one to fill."""
+    """(patch, fresh): the active patch of that name, or a new one to fill. An unknown backend is
+    refused here, not at the first forward."""
+    if backend is not None:
+        get_backend(backend)
     if name in _ACTIVE:
         if _ACTIVE[name].backend != backend:
             raise ValueError(f"backend: {name} is already patched with backend={_ACTIVE[name].backend!r}; undo() "
@@ -58,13 +75,30 @@ def is_patched(module_name: str) -> bool:
     return any(module_name in p.targets for p in _ACTIVE.values())
 
 
+_HOLDERS: "weakref.WeakSet[ScanMultipliers]" = weakref.WeakSet()  # every foreign mixer's, while it lives
+
+
+def _carrying_multipliers(module_names) -> List[str]:
+    """Class names of the live foreign mixers from these modules whose multipliers are not all 1."""
+    def carrying():
+        return [h.mixer_class for h in list(_HOLDERS) if h.module_name in module_names and not h.trivial()]
+    if carrying():
+        gc.collect()  # a model already dropped but held in a reference cycle does not count
+    return carrying()
+
+
 class ScanMultipliers:
     """A foreign mixer's kernel multipliers (our Mamba keeps them on its SelectiveScan). Setting a
     value other than 1 needs the mixer's library patched, since only our kernels apply them."""
 
-    def __init__(self, module_name: str):
+    def __init__(self, module_name: str, mixer_class: str = "mixer"):
         object.__setattr__(self, "module_name", module_name)
+        object.__setattr__(self, "mixer_class", mixer_class)
         self.dt_scale = self.b_scale = self.c_scale = 1.0
+        _HOLDERS.add(self)
+
+    def trivial(self) -> bool:
+        return self.dt_scale == self.b_scale == self.c_scale == 1.0
 
     def __setattr__(self, name, value):
         if value != 1.0 and not is_patched(self.module_name):
@@ -76,7 +110,7 @@ class ScanMultipliers:
     def on(mixer) -> "ScanMultipliers":
         holder = mixer.__dict__.get(HOLDER)
         if holder is None:
-            holder = mixer.__dict__[HOLDER] = ScanMultipliers(type(mixer).__module__)
+            holder = mixer.__dict__[HOLDER] = ScanMultipliers(type(mixer).__module__, type(mixer).__name__)
         return holder
 
 

@@ -32,7 +32,9 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: floa
     smallest set whose probability reaches top_p (0: all)."""
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # shifted to max 0 and in fp64: a tiny temperature (1e-40) gives -inf, never inf - inf
+    logits = logits.double()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..distributed.context_parallel import previous_inputs, selective_scan_cp
 from ..ops.selective_scan import selective_scan_fn
+from ..ops.selective_scan.checks import check_cu_seqlens
 from ..ops.state_update import selective_state_update
 from .declarations import Declaration, MixerShape, init_ssm_parameters_, persist_multipliers
 from .inference import InferenceParams
@@ -42,6 +43,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
     if weight.dim() == 3:  # (dim, 1, width), as stored by nn.Conv1d
         weight = weight.squeeze(1)
     if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, x)  # the first user of cu_seqlens in a Mamba layer: its errors name it
         return _packed_causal_conv1d(x, weight, bias, activation, cu_seqlens)
     fast = _causal_conv1d_cuda() if x.is_cuda else None
     if fast is not None:
@@ -138,8 +140,8 @@ def _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out
         width = cache[0].shape[-1]
         cache[0].copy_(F.pad(x, (max(0, width - seqlen), 0))[..., -width:])
     x = conv(x, conv1d_weight, conv1d_bias, "silu", cu_seqlens=cu_seqlens)
-    x_dbl = F.linear(x.transpose(1, 2).reshape(batch * seqlen, -1), x_proj_weight)  # (b*l, r + 2N)
-    d_inner = x.shape[1]
+    d_inner = x.shape[1]  # sizes spelled out below: a context-parallel shard may hold 0 steps
+    x_dbl = F.linear(x.transpose(1, 2).reshape(batch * seqlen, d_inner), x_proj_weight)  # (b*l, r + 2N)
     for name, w, size in (("dt_rms_weight", dt_rms_weight, d_inner), ("b_rms_weight", b_rms_weight, d_state),
                           ("c_rms_weight", c_rms_weight, d_state)):
         if w is not None and tuple(w.shape) != (size,):
@@ -147,7 +149,7 @@ def _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out
     delta = delta_proj_weight @ x_dbl[:, :dt_rank].t()  # (d, b*l)
     if dt_rms_weight is not None:  # mamba_ssm's meaning: delta normalized over d_inner after dt_proj
         delta = rms_norm(delta.t(), dt_rms_weight, eps).t()
-    delta = delta.reshape(-1, batch, seqlen).transpose(0, 1)  # (b, d, l), d-major view
+    delta = delta.reshape(d_inner, batch, seqlen).transpose(0, 1)  # (b, d, l), d-major view
     if B is None:
         B = x_dbl[:, dt_rank:dt_rank + d_state]
         if B_proj_bias is not None:

@@ -51,11 +51,13 @@ class _Backbone(nn.Module):
 
 
 class MambaLM(nn.Module):
-    """embedding -> n_layer Mamba blocks -> RMSNorm -> readout; logits (batch, L, padded vocab).
+    """embedding -> n_layer Mamba blocks -> RMSNorm -> readout; logits (batch, L, padded_vocab_size).
 
     `embedding_multiplier` and `readout_multiplier` (plain floats, 1 by default, set by
     `ssm_kernels.mup`, in the state dict when not 1) scale the embedding output and the logits.
-    The vocabulary is padded to a multiple of `pad_vocab_size_multiple`, as in mamba_ssm. Initialization is mamba_ssm's:
+    The embedding and readout tables are padded to `padded_vocab_size`, a multiple of
+    `pad_vocab_size_multiple`, as in mamba_ssm (so are the logits); `vocab_size` stays the real
+    vocabulary, and `generate` never samples a padded id. Initialization is mamba_ssm's:
     embedding N(0, 0.02), Linear biases zero, out_proj rescaled by 1/sqrt(n_layer).
     Mixer arguments (e.g. `cp_group` for context parallelism) pass through to every `Mamba`.
     """
@@ -68,13 +70,13 @@ class MambaLM(nn.Module):
                             ("pad_vocab_size_multiple", pad_vocab_size_multiple)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if vocab_size % pad_vocab_size_multiple:
-            vocab_size += pad_vocab_size_multiple - vocab_size % pad_vocab_size_multiple
+        # vocab_size: the real vocabulary (what generate samples from); the tables have padded_vocab_size rows
         self.d_model, self.n_layer, self.vocab_size = d_model, n_layer, vocab_size
+        self.padded_vocab_size = -(-vocab_size // pad_vocab_size_multiple) * pad_vocab_size_multiple
         self.tie_embeddings = tie_embeddings
         mixer_kwargs = dict(d_state=d_state, expand=expand, d_conv=d_conv, backend=backend, **mixer_kwargs)
-        self.backbone = _Backbone(d_model, n_layer, vocab_size, norm_epsilon, mixer_kwargs)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.backbone = _Backbone(d_model, n_layer, self.padded_vocab_size, norm_epsilon, mixer_kwargs)
+        self.lm_head = nn.Linear(d_model, self.padded_vocab_size, bias=False)
         self.embedding_multiplier = 1.0
         self.readout_multiplier = 1.0
         if tie_embeddings:
@@ -144,6 +146,8 @@ class MambaLM(nn.Module):
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids: expected (batch, L) with L >= 1, got "
                              f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids: expected integer token ids, got {input_ids.dtype}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
         if not (math.isfinite(temperature) and temperature >= 0):
@@ -158,7 +162,7 @@ class MambaLM(nn.Module):
         step_ids = input_ids
         from tqdm import tqdm
         for _ in tqdm(range(max_new_tokens), desc="generate", unit="token", disable=not progress, leave=False):
-            logits = self(step_ids, params, num_last_tokens=1)[:, -1]
+            logits = self(step_ids, params, num_last_tokens=1)[:, -1, :self.vocab_size]  # no padded id
             params.seqlen_offset += step_ids.shape[1]
             nxt = sample(logits, temperature, top_k, top_p, generator)
             if eos_token_id is not None:

@@ -779,7 +779,9 @@ def selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, initial_state
     rows = state_rows(batch, cu_seqlens)  # programs per channel: a batch row or a packed sequence each
     out = new_buffer(batch, dim, seqlen, dtype=u.dtype, device=u.device)
     last_state = new_buffer(rows, dim, N, dtype=torch.float32, device=u.device)
-    chunk_states = new_buffer(batch, dim, geo.n_saved, N, dtype=torch.float32, device=u.device)
+    # packed: zeros, since the slots between sequences are never written and the op returns every slot
+    chunk_states = (new_buffer if cu_seqlens is None else torch.zeros)(batch, dim, geo.n_saved, N,
+                                                                       dtype=torch.float32, device=u.device)
     selective_scan_fwd_kernel[(dim, rows)](
         u_ptr=u, delta_ptr=delta, A_ptr=A.contiguous(), B_ptr=B, C_ptr=C, D_ptr=_contiguous(D), z_ptr=z,
         delta_bias_ptr=_contiguous(delta_bias), initial_state_ptr=_contiguous(initial_state),

@@ -245,7 +245,8 @@ def _packed_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delt
     seqs = _sequences(cu_seqlens, chunk_size)
     out = new_buffer(1, dim, seqlen, dtype=u.dtype, device=u.device)
     last_state = new_buffer(len(seqs), dim, N, dtype=acc, device=u.device)
-    states = new_buffer(1, dim, -(-seqlen // chunk_size) + len(seqs), N, dtype=acc, device=u.device)
+    # zeros: the slots between sequences are never written, and the op returns every slot
+    states = torch.zeros(1, dim, -(-seqlen // chunk_size) + len(seqs), N, dtype=acc, device=u.device)
     for s, a, b, slot, n in seqs:
         h0 = None if initial_state is None else initial_state[s:s + 1]
         if a == b:

@@ -58,12 +58,12 @@ def _padded(d_state, acc):
     return -(-d_state // lanes) * lanes
 
 
-def _pad_states(X, P):
-    """(..., N) -> (..., P) contiguous, zero-padded."""
+def _pad_states(X, P, value: float = 0.0):
+    """(..., N) -> (..., P) contiguous, padded with `value` (0 unless said)."""
     N = X.shape[-1]
     if N == P:
         return X.contiguous()
-    return torch.nn.functional.pad(X, (0, P - N)).contiguous()
+    return torch.nn.functional.pad(X, (0, P - N), value=value).contiguous()
 
 
 class _Inputs:
@@ -77,7 +77,9 @@ class _Inputs:
         def act(t):
             return None if t is None else t.to(acc).contiguous()
         self.u, self.delta, self.z = act(u), act(delta), act(z)
-        self.A = _pad_states(A.to(acc), self.P)
+        # A's padding is -1, not 0: dt = +inf times 0 would be NaN in the padded decays, and the
+        # backward's lane sums would carry it (the padded states and B, C stay 0 either way)
+        self.A = _pad_states(A.to(acc), self.P, value=-1.0)
         # fixed (dim, N) -> (dim, P); variable (batch, G, N, L) -> (batch, G, L, P): states last
         self.B, self.C = (_pad_states(X.to(acc) if X.dim() == 2 else X.to(acc).transpose(-1, -2), self.P)
                           for X in (B, C))
@@ -117,7 +119,9 @@ def selective_scan_fwd_cpp(u, delta, A, B, C, D, z, delta_bias, initial_state, g
     rows = x.seqs.shape[1]
     out = new_buffer(batch, dim, seqlen, dtype=acc, device=u.device)
     last_state = new_buffer(rows, dim, x.N, dtype=acc, device=u.device)
-    states = new_buffer(batch, dim, _n_slots(seqlen, cu_seqlens, chunk_size), x.N, dtype=acc, device=u.device)
+    # packed: zeros, since the slots between sequences are never written and the op returns every slot
+    states = (new_buffer if cu_seqlens is None else torch.zeros)(batch, dim, _n_slots(seqlen, cu_seqlens, chunk_size),
+                                                                  x.N, dtype=acc, device=u.device)
     h0 = None if initial_state is None else initial_state.to(acc).contiguous()
     _ext().cpu_forward(**x.common(groups, delta_softplus, dt_scale, b_scale, c_scale, chunk_size),
                        initial_state=h0, out=out, last_state=last_state, states=states)

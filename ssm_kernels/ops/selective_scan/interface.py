@@ -61,7 +61,44 @@ def selective_scan_bwd_op(dout: Tensor, dlast_state: Optional[Tensor], u: Tensor
     grads = BACKENDS[backend].backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups,
                                        delta_softplus, dt_scale, b_scale, c_scale, deterministic=deterministic,
                                        cu_seqlens=cu_seqlens)
+    if chunk_states.dtype == torch.float32 and not _all_finite(grads):
+        grads = _float64_backward(grads, dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups,
+                                  delta_softplus, dt_scale, b_scale, c_scale, backend, cu_seqlens)
     return tuple(u.new_empty(0) if g is None else g for g in grads)
+
+
+def _all_finite(grads) -> bool:
+    """One device sync; under CUDA graph capture (where a sync is not allowed) the check is skipped."""
+    present = [g for g in grads if g is not None and g.numel()]
+    if not present or (present[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in present]).all())
+
+
+def _float64_backward(grads, dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups,
+                      delta_softplus, dt_scale, b_scale, c_scale, backend, cu_seqlens):
+    """The gradients again, in float64 on the "torch" backend, from the state entering each row
+    (its first saved slot), cast back to `grads`' dtypes. Only when an fp32 backward gave a
+    non-finite value: a growing scan (A > 0, or dt < 0 without softplus) can overflow its fp32
+    adjoint where every gradient is within range (the adjoint's inf times an exact 0 of u, h or
+    dt; a huge adjoint times a tiny state), and then this gives what the float64 reference gives.
+    Where the gradient itself overflows fp32, the cast gives inf, as it should."""
+    from .chunk_torch import selective_scan_bwd_torch, selective_scan_fwd_torch
+    if cu_seqlens is None:
+        h0 = chunk_states[:, :, 0]
+    else:  # sequence s starts at slot cu_seqlens[s] // chunk + s of the packed row
+        chunk = BACKENDS[backend].chunk_size(u.shape[2], u.device)
+        starts = cu_seqlens[:-1].to(torch.int64)
+        h0 = chunk_states[0, :, starts // chunk + torch.arange(len(starts), device=starts.device)].transpose(0, 1)
+
+    def f64(t):
+        return None if t is None else t.to(torch.float64)
+    inputs = [f64(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
+    _, _, states = selective_scan_fwd_torch(*inputs, f64(h0), groups, delta_softplus, dt_scale, b_scale, c_scale,
+                                            cu_seqlens=cu_seqlens)
+    exact = selective_scan_bwd_torch(f64(dout), f64(dlast_state), *inputs, states, groups, delta_softplus, dt_scale,
+                                     b_scale, c_scale, cu_seqlens=cu_seqlens)
+    return tuple(None if g is None else e.to(g.dtype) for g, e in zip(grads, exact))
 
 
 @selective_scan_bwd_op.register_fake
