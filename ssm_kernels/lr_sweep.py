@@ -104,15 +104,16 @@ def _ordered(presets, widths, lrs, seeds, done) -> list:
 
 
 def sweep(presets: Sequence[str], optimizer: str, widths: Sequence[int], lrs: Sequence[float], seeds: Sequence[int],
-          settings: dict, json_path: Optional[str] = None, progress: bool = True, workers: int = 1) -> dict:
+          settings: dict, json_path: Optional[str] = None, progress: bool = True, workers: int = 1,
+          run_missing: bool = True) -> dict:
     """Every run not yet in json_path (written after each run ends); returns the whole result.
     workers > 1: runs in that many spawned processes of one thread each; workers == 1: in this
-    process, on one thread."""
+    process, on one thread. run_missing=False: only the report of what json_path holds."""
     import time
     state = dict(optimizer=optimizer, settings=settings, runs=[])
     if json_path and os.path.exists(json_path):
         state["runs"] = load_runs(json_path, optimizer, settings)
-    todo = _ordered(presets, widths, lrs, seeds, {_key(r) for r in state["runs"]})
+    todo = _ordered(presets, widths, lrs, seeds, {_key(r) for r in state["runs"]}) if run_missing else []
 
     def record(key, result, seconds):
         preset, width, lr, seed = key
@@ -158,14 +159,21 @@ def _timed_run(key, optimizer, settings):
     return run(preset, optimizer, width, lr, seed, settings), time.perf_counter() - began
 
 
-UNIFORM_LOSS = math.log(256)  # nats/byte of a model that predicts every byte alike: "learned nothing"
+@functools.lru_cache(maxsize=None)
+def unigram_loss() -> float:
+    """Held-out loss (nats/byte) of predicting every byte by its frequency in the training text
+    (add-one smoothed): a run that ends above it has learned less than byte counts, i.e. diverged."""
+    text, held_out = _texts()
+    p = (torch.bincount(text, minlength=256).double() + 1.0)
+    p /= p.sum()
+    return float(-p[held_out].log().mean())
 
 
 def report(runs: List[dict], presets, widths, lrs, seeds) -> Dict[str, dict]:
     """Per preset, at each width (from the seeds that have every lr there; a width without one
     is left out): the mean held-out loss per lr over those seeds, the best lr and its loss,
     whether every seed alone picks that lr, the spread over seeds (min, max) of the loss at the
-    best lr, the largest stable lr (every seed finite and below the uniform prediction's loss),
+    best lr, the largest stable lr (every seed's loss below unigram_loss(), about 3.13 here),
     and, for the lr best at the smallest width ("transferred"), its loss and the transfer regret
     (its loss over the best loss, minus 1). Across widths: the drift of the best lr in steps of
     the grid given (positions in the sorted lrs, whatever their spacing)."""
@@ -181,7 +189,7 @@ def report(runs: List[dict], presets, widths, lrs, seeds) -> Dict[str, dict]:
             mean = {lr: sum(table[(preset, w, lr, s)] for s in done) / len(done) for lr in grid}
             best = min(grid, key=lambda lr: mean[lr])
             per_seed = [min(grid, key=lambda lr: table[(preset, w, lr, s)]) for s in done]
-            stable = [lr for lr in grid if all(table[(preset, w, lr, s)] < UNIFORM_LOSS for s in done)]
+            stable = [lr for lr in grid if all(table[(preset, w, lr, s)] < unigram_loss() for s in done)]
             at_best = [table[(preset, w, best, s)] for s in done]
             per_width[w] = dict(loss_by_lr=mean, best_lr=best, best_loss=mean[best], seeds=done,
                                 seeds_agree=all(b == best for b in per_seed), best_loss_spread=[min(at_best),
@@ -207,14 +215,17 @@ def markdown(results: Sequence[dict]) -> str:
                   f"Settings: MambaLM {s['n_layer']} layers, d_state {s['d_state']}, untied readout, base d_model "
                   f"{s['base_d_model']}; {s['steps']} steps of batch {s['batch']} x {s['seqlen']} bytes, 10 % "
                   f"warmup then cosine to 0; held-out loss over {s['eval_batches'] * s['batch']} windows "
-                  f"(nats/byte). {len(result['runs'])} runs.", ""]
+                  f"(nats/byte). {len(result['runs'])} runs. Stable: every seed's loss below the byte-frequency "
+                  f"(unigram) loss, {unigram_loss():.3f}.", ""]
         for preset, rep in result["report"].items():
             lines += [f"### {preset}: best lr drifts {rep['drift_steps']} grid steps", "",
                       "| d_model | seeds | best lr | best loss (seed min - max) | seeds agree | loss at transferred lr "
                       "| transfer regret | largest stable lr |", "|---|---|---|---|---|---|---|---|"]
             for w, row in rep["widths"].items():
                 low, high = row["best_loss_spread"]
-                stable = "none" if row["largest_stable_lr"] is None else f"{row['largest_stable_lr']:.3g}"
+                top = max(float(lr) for lr in row["loss_by_lr"])  # stable up to the grid's end: at least that
+                stable = ("none" if row["largest_stable_lr"] is None else
+                          f"{'≥ ' if float(row['largest_stable_lr']) == top else ''}{row['largest_stable_lr']:.3g}")
                 lines.append(f"| {w} | {len(row['seeds'])} | {row['best_lr']:.3g} | {row['best_loss']:.4f} "
                              f"({low:.4f} - {high:.4f}) | {'yes' if row['seeds_agree'] else 'no'} | "
                              f"{row['transferred_loss']:.4f} (lr {row['transferred_lr']:.3g}) | "
@@ -265,10 +276,14 @@ def add_arguments(parser):
     parser.add_argument("--json", metavar="PATH", help="the sweep's state: written after each run, resumed from")
     parser.add_argument("--plot", metavar="PNG")
     parser.add_argument("--markdown", metavar="MD", help="also write the report's tables (docs/lr_transfer.md's format)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: report, plot and tabulate what --json holds (for the seeds given that are "
+                        "complete), e.g. a sweep stopped early")
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="processes of one thread each running the runs side by side (default: the core count, "
-                        f"{os.cpu_count()} here). On a 2-core CPU one run of 300 steps of batch 16 x 128 takes "
-                        "about 10 s at d_model 32 and 2.5 min at d_model 256 per worker")
+                        f"{os.cpu_count()} here). On a 2-core CPU with the compiled CPU scan, one run of 300 steps of "
+                        "batch 16 x 128 takes about 30 s at d_model 32 and 2.2 min at d_model 256 per worker: "
+                        "one seed of 4 presets x 8 lrs x d_model 32-256 about 75 min with 2 workers")
 
 
 def main(parser, args) -> int:
@@ -293,20 +308,22 @@ def main(parser, args) -> int:
     settings = dict(steps=args.steps, batch=args.batch, seqlen=args.seqlen, n_layer=args.n_layer,
                     d_state=args.d_state, base_d_model=args.base_d_model or min(args.widths),
                     eval_batches=args.eval_batches)
+    if args.report_only and not (args.json and os.path.exists(args.json)):
+        parser.error("--report-only: needs --json naming a sweep's file that exists")
     if args.json and os.path.exists(args.json):
         try:
             load_runs(args.json, args.optimizer, settings)  # what sweep resumes from, checked before any run
         except ValueError as err:
             parser.error(f"--json: {err}")
     result = sweep(args.presets, args.optimizer, args.widths, sorted(lrs), args.seeds, settings, args.json,
-                   workers=args.workers)
+                   workers=args.workers, run_missing=not args.report_only)
     for preset, r in result["report"].items():
         print(f"{preset} ({args.optimizer}): best lr drifts {r['drift_steps']:g} grid steps across d_model "
               f"{args.widths}")
         for w, row in r["widths"].items():
             print(f"  d_model {w:>5}: best lr {row['best_lr']:.3g}, held-out loss {row['best_loss']:.4f}"
                   f"{'' if row['seeds_agree'] else '  (seeds disagree)'}")
-    if args.json:
+    if args.json and not args.report_only:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     if args.plot:

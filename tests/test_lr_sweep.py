@@ -28,6 +28,16 @@ def test_sweep_reports_resumes_and_plots(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(lr_sweep, "run", lambda *a, **k: pytest.fail("a finished run was run again"))
     assert cli.main(["lr-sweep", *TINY, "--json", str(path)]) == 0
     assert json.loads(path.read_text())["report"] == result["report"]
+    # --report-only on a sweep asked with one more seed: runs nothing, reports the complete seeds,
+    # leaves the JSON as it was, writes the tables
+    before, md = path.read_text(), tmp_path / "tables.md"
+    argv = ["lr-sweep", *TINY, "--seeds", "0", "1", "2", "--json", str(path), "--report-only",
+            "--markdown", str(md)]
+    assert cli.main(argv) == 0
+    assert path.read_text() == before
+    assert "| 32 | 2 |" in md.read_text() and "### mup_ssm" in md.read_text()
+    with pytest.raises(SystemExit):
+        cli.main(["lr-sweep", *TINY, "--report-only"])
 
 
 def test_report_best_lr_drift_and_seed_agreement():
@@ -81,7 +91,7 @@ def test_workers_give_the_runs_one_process_gives(tmp_path):
 
 def test_report_transfer_regret_stability_and_partial_seeds(tmp_path):
     """Loss at the lr best at the smallest width, its regret, the largest stable lr (every seed
-    below the uniform prediction's loss), the seeds' spread; a width with an incomplete seed uses
+    below the byte-frequency loss), the seeds' spread; a width with an incomplete seed uses
     the complete ones; the markdown names each figure."""
     lrs = [0.01, 0.02, 0.04, 0.08]
     losses = {16: {0.01: 2.0, 0.02: 1.5, 0.04: 1.8, 0.08: 9.0},  # best 0.02; 0.08 diverges
@@ -99,4 +109,5 @@ def test_report_transfer_regret_stability_and_partial_seeds(tmp_path):
     text = lr_sweep.markdown([dict(optimizer="adam", runs=runs, report={"sp": rep},
                                    settings=dict(n_layer=2, d_state=16, base_d_model=16, steps=300, batch=16,
                                                  seqlen=128, eval_batches=8))])
-    assert "| 64 | 2 | 0.04 | 1.2050 (1.2000 - 1.2100) | yes | 1.3050 (lr 0.02) | 8.3 % | 0.08 |" in text
+    assert "| 64 | 2 | 0.04 | 1.2050 (1.2000 - 1.2100) | yes | 1.3050 (lr 0.02) | 8.3 % | ≥ 0.08 |" in text
+    assert 2.5 < lr_sweep.unigram_loss() < 4.0
