@@ -189,9 +189,9 @@ def apply_to_transformers(backend: Optional[str] = None) -> Patch:
         return patch
     try:
         for module, mixer_name in modules:
-            for name, fn in _functions(backend, fused=module.__name__ == HF_MAMBA).items():
-                if name in REQUIRED_HOOKS or hasattr(module, name):
-                    patch.set(module, name, fn)
+            functions = _functions(backend, fused=module.__name__ == HF_MAMBA)
+            for name in REQUIRED_HOOKS + tuple(name for name in OPTIONAL_HOOKS if hasattr(module, name)):
+                patch.set(module, name, functions[name])
             mixer = getattr(module, mixer_name)
             patch.set(mixer, "forward", with_mixer_context(_serve_mixer(mixer.forward)))
             patch.targets.append(module.__name__)

@@ -83,13 +83,12 @@ def _float64_backward(grads, dout, dlast_state, u, delta, A, B, C, D, z, delta_b
     adjoint where every gradient is within range (the adjoint's inf times an exact 0 of u, h or
     dt; a huge adjoint times a tiny state), and then this gives what the float64 reference gives.
     Where the gradient itself overflows fp32, the cast gives inf, as it should."""
-    from .chunk_torch import selective_scan_bwd_torch, selective_scan_fwd_torch
+    from .chunk_torch import _sequences, selective_scan_bwd_torch, selective_scan_fwd_torch
     if cu_seqlens is None:
         h0 = chunk_states[:, :, 0]
-    else:  # sequence s starts at slot cu_seqlens[s] // chunk + s of the packed row
-        chunk = BACKENDS[backend].chunk_size(u.shape[2], u.device)
-        starts = cu_seqlens[:-1].to(torch.int64)
-        h0 = chunk_states[0, :, starts // chunk + torch.arange(len(starts), device=starts.device)].transpose(0, 1)
+    else:  # each sequence's first slot, at the spacing of the backend that saved the states
+        seqs = _sequences(cu_seqlens, BACKENDS[backend].chunk_size(u.shape[2], u.device))
+        h0 = chunk_states[0, :, [slot for _, _, _, slot, _ in seqs]].transpose(0, 1)
 
     def f64(t):
         return None if t is None else t.to(torch.float64)
