@@ -66,13 +66,25 @@ def model_ours(cfg, out_dir, tools):
     result = {}
     for name, est in estimates.items():
         r = records[name]
-        entry = result.setdefault(r["kind"], dict(lower_bound_us=0.0, latency_aware_us=0.0, kernels=[]))
-        entry["lower_bound_us"] += est["lower_bound_s"] * 1e6
-        entry["latency_aware_us"] += est["latency_aware_s"] * 1e6
-        entry["kernels"].append(dict(kernel=name, regs=est["regs"], res_usage=r["res_usage"],
-                                     insns_per_es=est["per_es_thread_insns"]["total"],
-                                     bound_by=est["lower_bound_by"]))
+        _add(result.setdefault(r["kind"], _empty()), est, dict(kernel=name, res_usage=r["res_usage"]))
     return result
+
+
+def _empty():
+    return dict(lower_bound_us=0.0, lower_bound_no_l1_us=0.0, latency_aware_us=0.0, loads_bytes_per_es=0.0,
+                atomic_bytes_per_es=0.0, kernels=[])
+
+
+def _add(entry, est, kernel):
+    """Adds one kernel's estimate to a forward or backward entry (a launch's kernels run one after
+    another: their times and their traffic per element-state add up)."""
+    entry["lower_bound_us"] += est["lower_bound_s"] * 1e6
+    entry["lower_bound_no_l1_us"] += est["lower_bound_no_l1_s"] * 1e6
+    entry["latency_aware_us"] += est["latency_aware_s"] * 1e6
+    entry["loads_bytes_per_es"] += est["traffic"]["ldg_bytes_per_es"]
+    entry["atomic_bytes_per_es"] += est["traffic"]["atomic_bytes_per_es"]
+    entry["kernels"].append(dict(kernel, regs=est["regs"], insns_per_es=est["per_es_thread_insns"]["total"],
+                                 bound_by=est["lower_bound_by"]))
 
 
 def model_mamba(cfg, out_dir, tools, src, cuda_root):
@@ -100,10 +112,7 @@ def model_mamba(cfg, out_dir, tools, src, cuda_root):
         hbm, l2 = compile_for_gpu.traffic(kind, cfg["batch"], cfg["dim"], cfg["seqlen"], cfg["d_state"], itemsize,
                                           cfg["fixed_bc"], meta["loop_trips"][0])
         est = h100_model.estimate(sass_mix.analyze(os.path.join(out_dir, f"mamba_{kind}.sass")), meta, hbm, l2)
-        result[kind] = dict(lower_bound_us=est["lower_bound_s"] * 1e6, latency_aware_us=est["latency_aware_s"] * 1e6,
-                            kernels=[dict(kernel=meta["kernel"], regs=est["regs"], spill=meta["spill"],
-                                          insns_per_es=est["per_es_thread_insns"]["total"],
-                                          bound_by=est["lower_bound_by"])])
+        _add(result.setdefault(kind, _empty()), est, dict(kernel=meta["kernel"], spill=meta["spill"]))
     return result
 
 
@@ -117,23 +126,30 @@ def mamba_sources(git_dir, work):
     return os.path.join(src, "csrc", "selective_scan")
 
 
+def _cell(e):
+    """LB / LB if L1 serves nothing / latency-aware (µs), loads + atomics (bytes per element-state)."""
+    traffic = f"{e['loads_bytes_per_es']:.2f}" + (f" + {e['atomic_bytes_per_es']:.2f}" if e["atomic_bytes_per_es"] else "")
+    return (f"{e['lower_bound_us']:.0f} / {e['lower_bound_no_l1_us']:.0f} / {e['latency_aware_us']:.0f} "
+            f"({traffic})")
+
+
 def markdown(rows, with_mamba):
-    head = "| configuration | ours fwd LB / lat | ours bwd LB / lat |"
+    """One row per configuration; a cell: lower bound / lower bound if L1 serves nothing /
+    latency-aware, in µs, then (loads + atomics) in bytes per element-state."""
+    head = "| configuration | ours fwd | ours bwd |"
     rule = "|---|---|---|"
     if with_mamba:
-        head += " mamba fwd LB / lat | mamba bwd LB / lat | fwd LB ratio | bwd LB ratio |"
-        rule += "---|---|---|---|"
+        head += " mamba fwd | mamba bwd | no-L1 ratio fwd / bwd |"
+        rule += "---|---|---|"
     lines = [head, rule]
     for row in rows:
         o = row["ours"]
-        line = (f"| {row['config']} | {o['fwd']['lower_bound_us']:.0f} / {o['fwd']['latency_aware_us']:.0f} "
-                f"| {o['bwd']['lower_bound_us']:.0f} / {o['bwd']['latency_aware_us']:.0f} |")
+        line = f"| {row['config']} | {_cell(o['fwd'])} | {_cell(o['bwd'])} |"
         if with_mamba:
             m = row["mamba"]
-            line += (f" {m['fwd']['lower_bound_us']:.0f} / {m['fwd']['latency_aware_us']:.0f} "
-                     f"| {m['bwd']['lower_bound_us']:.0f} / {m['bwd']['latency_aware_us']:.0f} "
-                     f"| {o['fwd']['lower_bound_us'] / m['fwd']['lower_bound_us']:.2f} "
-                     f"| {o['bwd']['lower_bound_us'] / m['bwd']['lower_bound_us']:.2f} |")
+            ratios = " / ".join(f"{o[k]['lower_bound_no_l1_us'] / m[k]['lower_bound_no_l1_us']:.2f}"
+                                for k in ("fwd", "bwd"))
+            line += f" {_cell(m['fwd'])} | {_cell(m['bwd'])} | {ratios} |"
         lines.append(line)
     return "\n".join(lines)
 

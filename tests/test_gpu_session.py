@@ -3,8 +3,12 @@ session depends on cannot rot), and its report puts the right model figure besid
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
+
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -50,3 +54,39 @@ def test_report_puts_the_static_model_beside_each_time():
     assert abs(rows[1]["model_latency_aware_ms"] * 1e3 - at_2048["mamba"]["bwd"]["latency_aware_us"]) < 1e-6
     assert rows[2]["model_lower_bound_ms"] is None  # no model of the "torch" backend
     assert rows[3]["model_lower_bound_ms"] is None  # a width the model was not run at
+
+
+def test_a_step_that_would_not_fit_the_budget_is_skipped_and_the_report_still_written(tmp_path):
+    start = time.time()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_session.py"), "--dry-run",
+                             "--budget", "25", "--steps", "environment", "kernels", "floors", "report",
+                             "--out", str(tmp_path), "--revision", "test"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(tmp_path / "gpu_session.json") as f:
+        steps = json.load(f)["steps"]
+    assert steps["environment"]["status"] == "ok" and steps["report"]["status"] == "ok"
+    assert steps["kernels"]["status"] == "skipped" and steps["floors"]["status"] == "skipped"
+    assert (tmp_path / "gpu_session.md").exists()
+    assert time.time() - start < 25 + 30  # the interpreter's start-up aside, it kept to the budget
+
+
+def test_a_command_past_its_time_is_stopped_and_recorded():
+    record = gpu_session.run_command([sys.executable, "-c", "import time; print('begun', flush=True); time.sleep(30)"],
+                                     timeout=2)
+    assert record["returncode"] == "timeout" and record["seconds"] < 15 and "begun" in record["output_tail"]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("dtype", sorted(gpu_session.MAMBA_DTYPES))
+def test_mamba_ssm_entries_not_built_compile_and_leave_out_the_built_ones(tmp_path, dtype):
+    source = gpu_session.mamba_stub_source(dtype)
+    (tmp_path / "stub.cpp").write_text(source)
+    subprocess.run(["g++", "-std=c++17", "-c", str(tmp_path / "stub.cpp"), "-o", str(tmp_path / "stub.o")], check=True)
+    symbols = subprocess.run(["nm", "-C", str(tmp_path / "stub.o")], capture_output=True, text=True).stdout
+    built = gpu_session.MAMBA_DTYPES[dtype][1]
+    defined = [line for line in symbols.splitlines() if " T " in line and "selective_scan_" in line]
+    assert len(defined) == 9  # 12 entries of the binding, 3 compiled: fwd (both weights) and bwd real
+    assert not any(f"fwd_cuda<{built}," in line for line in defined)
+    assert not any(f"bwd_cuda<{built}, float>" in line for line in defined)
+    assert any(f"bwd_cuda<{built}, c10::complex<float> >" in line for line in defined)

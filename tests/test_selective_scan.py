@@ -113,6 +113,24 @@ def test_default_backend(monkeypatch):
     assert resolve_backend("torch", u) == "torch"  # the argument wins over the environment
 
 
+# Channels per Triton program: two where a group's size is even, N <= 16 and the chunks are whole,
+# one elsewhere (chunk.Geometry). (dim, groups, B/C kind, N, expected channels)
+CHANNEL_CASES = [(4, 2, "grouped", 4, 2), (6, 2, "grouped", 4, 1), (4, 1, "fixed", 4, 2), (5, 1, "variable", 4, 1),
+                 (4, 1, "variable", 16, 2), (4, 1, "variable", 17, 1)]
+
+
+@pytest.mark.parametrize("dim,groups,bc,d_state,channels", CHANNEL_CASES)
+def test_triton_channels_per_program(dim, groups, bc, d_state, channels):
+    """Both layouts of the Triton kernels (a lane holding the items of one channel or of two)
+    against the float64 reference, forward and every gradient."""
+    from ssm_kernels.ops.selective_scan.chunk import Geometry
+    per_group = dim // groups if bc == "grouped" else dim
+    geo = Geometry(64, d_state, [torch.float32], torch.device(DEVICE), 0, per_group)
+    assert (geo.channels_fwd, geo.channels_bwd) == (channels, channels)
+    check_against_reference("triton", make_inputs(dim=dim, groups=groups, seqlen=64, d_state=d_state, B=bc, C=bc),
+                            torch.float32, **FULL)
+
+
 @pytest.mark.parametrize("bc", ["grouped", "fixed", "fixed-B-variable-C"])
 def test_triton_deterministic_mode(monkeypatch, bc):
     """Deterministic mode: bitwise-identical gradients run to run, each within the tolerance of

@@ -1,8 +1,10 @@
 """Selective scan in Triton: the "triton" backend.
 
-Layout. One program is one channel (batch row b, channel d) and one warp. The sequence is cut
-into chunks of LANES * ITEMS steps; lane l of the warp owns the ITEMS consecutive steps
-t0 + l*ITEMS ... t0 + l*ITEMS + ITEMS - 1 of the chunk, in registers. A runtime loop walks the
+Layout. One program is one warp and CH channels (1 or 2, Geometry) of one batch row. The
+sequence is cut into chunks of LANES * ITEMS steps; lane l of the warp owns the ITEMS consecutive
+steps t0 + l*ITEMS ... t0 + l*ITEMS + ITEMS - 1 of the chunk, of every channel, in registers.
+Two channels share each load of variable B and C (a group's channels read the same rows) and sum
+their dB and dC terms before the atomics: both cost half per channel. A runtime loop walks the
 N states; y accumulates in registers, so nothing is reduced over N. For each state the
 recurrence h_t = a_t h_{t-1} + x_t (a_t = exp2(dt_t A log2 e), x_t = dt_t B_t u_t) runs as:
 
@@ -22,8 +24,8 @@ and ddelta need is a product, never h_t - x_t (which cancels under strong decay)
 Only products across lanes can overflow when the scan grows (dt * A > 0): they saturate at the
 largest float instead of reaching inf, so that inf * 0 never turns a zero state into NaN.
 
-Tiles. A [ITEMS, LANES] tile (items first, so the items of a lane are the register axis) is
-loaded as a tile of VEC-wide vectors ([ITEMS // VEC, LANES, VEC], or [LANES, ITEMS // VEC, VEC]
+Tiles. A [ITEMS, LANES] tile ([ITEMS, CH, LANES] for two channels; items first, so the items
+of a lane are the register axis) is loaded as a tile of VEC-wide vectors ([ITEMS // VEC, LANES, VEC], or [LANES, ITEMS // VEC, VEC]
 on Triton 3.6, see LANES_FIRST) and permuted and reshaped in registers; the compiler keeps one
 layout and moves no data.
 """
@@ -48,52 +50,145 @@ LANES_FIRST = tl.constexpr(tuple(int(p) for p in triton.__version__.split(".")[:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers: tiles, in-lane item access, scans
+#
+# A program runs CH channels (1 or 2) of one batch row in one warp: a lane holds its items of
+# every channel in registers. Variable B and C are shared by the channels: a program loads each
+# tile of them once, and sums its channels' dB and dC terms before they leave it.
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _time_offsets(t0, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr):
+def _time_offsets(t0, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr, CH: tl.constexpr):
     """Time steps of a chunk as a tile of VEC-wide vectors, lane l owning t0 + l*ITEMS + i:
-    [LANES, ITEMS // VEC, VEC] with LANES_FIRST, else [ITEMS // VEC, LANES, VEC]."""
+    [LANES, ITEMS // VEC, VEC] with LANES_FIRST, else [ITEMS // VEC, LANES, VEC]; for CH > 1
+    channels, with a channel axis of size 1 at axis 1 (see _channel_axis). The compiler gives the
+    lanes axis the threads of the warp; a lane's items and channels are its registers."""
     lane = tl.arange(0, LANES)
     j = tl.arange(0, ITEMS // VEC)
-    k = tl.arange(0, VEC)[None, None, :]
-    if LANES_FIRST:
-        t = t0 + lane[:, None, None] * ITEMS + j[None, :, None] * VEC + k
+    if CH == 1:
+        k = tl.arange(0, VEC)[None, None, :]
+        if LANES_FIRST:
+            t = t0 + lane[:, None, None] * ITEMS + j[None, :, None] * VEC + k
+        else:
+            t = t0 + lane[None, :, None] * ITEMS + j[:, None, None] * VEC + k
     else:
-        t = t0 + lane[None, :, None] * ITEMS + j[:, None, None] * VEC + k
+        k = tl.arange(0, VEC)[None, None, None, :]
+        if LANES_FIRST:
+            t = t0 + lane[:, None, None, None] * ITEMS + j[None, None, :, None] * VEC + k
+        else:
+            t = t0 + lane[None, None, :, None] * ITEMS + j[:, None, None, None] * VEC + k
     return t
+
+
+# Shapes. With one channel a program's values have the shapes of a one-channel kernel: tiles
+# [ITEMS, LANES], per-lane [LANES], per-state [BLOCK_N], per-channel scalars. With CH > 1 they
+# gain a channel axis: [ITEMS, CH, LANES], [CH, LANES], [CH, BLOCK_N], [CH]. (A size-1 channel
+# axis costs registers: the compiler lays such tiles out less well.) The helpers below work on
+# either; the ones that place a per-channel value take CH.
+
+@triton.jit
+def _channels(program, CH: tl.constexpr):
+    """The program's channels: program * CH ... program * CH + CH - 1."""
+    if CH == 1:
+        d = program
+    else:
+        d = program * CH + tl.arange(0, CH)
+    return d
+
+
+@triton.jit
+def _place(x, CH: tl.constexpr, AXES: tl.constexpr):
+    """A per-channel value placed against other values: itself (a scalar) for one channel, else
+    the [CH] vector with new axes of size 1 at AXES."""
+    if CH == 1:
+        y = x
+    else:
+        y = tl.expand_dims(x, AXES)
+    return y
+
+
+@triton.jit
+def _channel_axis(x, CH: tl.constexpr):
+    """A per-channel value -> the channel axis of a _time_offsets tile."""
+    return _place(x, CH, (0, 2, 3))
+
+
+@triton.jit
+def _on_tiles(x, CH: tl.constexpr):
+    """A per-channel value -> against tiles."""
+    return _place(x, CH, (0, 2))
+
+
+@triton.jit
+def _column(x, CH: tl.constexpr):
+    """A per-channel value -> against per-lane or per-state values."""
+    return _place(x, CH, 1)
+
+
+@triton.jit
+def _tiled(x):
+    """A per-lane value -> against tiles (every item of the lane)."""
+    if len(x.shape) == 1:
+        y = x[None, :]
+    else:
+        y = x[None, :, :]
+    return y
+
+
+@triton.jit
+def _per_channel(x):
+    """The sum of a per-lane or per-state value over its last axis: a per-channel value."""
+    return tl.sum(x, len(x.shape) - 1)
 
 
 @triton.jit
 def _items_first(x, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr):
-    """The tile of _time_offsets -> [ITEMS, LANES]."""
-    if LANES_FIRST:
-        y = tl.reshape(tl.permute(x, (1, 2, 0)), (ITEMS, LANES))
+    """A tile of _time_offsets' layout -> a tile, [ITEMS, LANES] or [ITEMS, CH (or 1), LANES]."""
+    if len(x.shape) == 3:
+        if LANES_FIRST:
+            y = tl.reshape(tl.permute(x, (1, 2, 0)), (ITEMS, LANES))
+        else:
+            y = tl.reshape(tl.permute(x, (0, 2, 1)), (ITEMS, LANES))
     else:
-        y = tl.reshape(tl.permute(x, (0, 2, 1)), (ITEMS, LANES))
+        if LANES_FIRST:
+            y = tl.reshape(tl.permute(x, (2, 3, 1, 0)), (ITEMS, x.shape[1], LANES))
+        else:
+            y = tl.reshape(tl.permute(x, (0, 3, 1, 2)), (ITEMS, x.shape[1], LANES))
     return y
 
 
 @triton.jit
 def _vectors_first(x, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr):
-    """[ITEMS, LANES] -> the tile of _time_offsets, the inverse of _items_first."""
-    y = tl.reshape(x, (ITEMS // VEC, VEC, LANES))
-    if LANES_FIRST:
-        y = tl.permute(y, (2, 0, 1))
+    """A tile -> the layout of _time_offsets, the inverse of _items_first."""
+    if len(x.shape) == 2:
+        y = tl.reshape(x, (ITEMS // VEC, VEC, LANES))
+        if LANES_FIRST:
+            y = tl.permute(y, (2, 0, 1))
+        else:
+            y = tl.permute(y, (0, 2, 1))
     else:
-        y = tl.permute(y, (0, 2, 1))
+        y = tl.reshape(x, (ITEMS // VEC, VEC, x.shape[1], LANES))
+        if LANES_FIRST:
+            y = tl.permute(y, (3, 2, 0, 1))
+        else:
+            y = tl.permute(y, (0, 2, 3, 1))
     return y
 
 
 @triton.jit
 def _load_tile(ptr, t, mask, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr):
-    """A chunk of a row (time contiguous) as a [ITEMS, LANES] fp32 tile, 0 where masked (mask
-    None: every step is in the sequence)."""
+    """A chunk of the program's rows (ptr on the channel axis) or of one row shared by its
+    channels (a scalar ptr; a channel axis of size 1 when CH > 1) as a tile in the memory's dtype,
+    0 where masked (mask None: every step is in the sequence)."""
     if mask is None:
         x = tl.load(ptr + t)
     else:
         x = tl.load(ptr + t, mask=mask, other=0.0)
-    return _items_first(x.to(tl.float32), LANES, ITEMS, VEC)
+    return _items_first(x, LANES, ITEMS, VEC)
+
+
+@triton.jit
+def _load_tile_f32(ptr, t, mask, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr):
+    return _load_tile(ptr, t, mask, LANES, ITEMS, VEC).to(tl.float32)
 
 
 @triton.jit
@@ -102,30 +197,39 @@ def _store_tile(ptr, t, mask, x, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: 
 
 
 @triton.jit
+def _item_index(x):
+    """The item index of every element of a tile, broadcastable against it."""
+    if len(x.shape) == 2:
+        idx = tl.arange(0, x.shape[0])[:, None]
+    else:
+        idx = tl.arange(0, x.shape[0])[:, None, None]
+    return idx
+
+
+@triton.jit
 def _item(x, i: tl.constexpr):
-    """Item i of every lane, [ITEMS, LANES] -> [LANES]. Adding -0.0 is exact, so the compiler
+    """Item i of every lane, a tile -> a per-lane value. Adding -0.0 is exact, so the compiler
     folds this to a register read."""
-    idx = tl.arange(0, x.shape[0])[:, None]
-    return tl.sum(tl.where(idx == i, x, -0.0), 0)
+    return tl.sum(tl.where(_item_index(x) == i, x, -0.0), 0)
 
 
 @triton.jit
 def _shift_to_earlier(x, last):
     """out[i] = x[i + 1] within each lane; out[ITEMS - 1] = last. Register renames only."""
-    idx = tl.arange(0, x.shape[0])[:, None]
-    out = tl.where(idx == x.shape[0] - 1, last[None, :], x)
+    idx = _item_index(x)
+    out = tl.where(idx == x.shape[0] - 1, _tiled(last), x)
     for i in tl.static_range(x.shape[0] - 1):
-        out = tl.where(idx == i, _item(x, i + 1)[None, :], out)
+        out = tl.where(idx == i, _tiled(_item(x, i + 1)), out)
     return out
 
 
 @triton.jit
 def _shift_to_later(x, first):
     """out[i] = x[i - 1] within each lane; out[0] = first. Register renames only."""
-    idx = tl.arange(0, x.shape[0])[:, None]
-    out = tl.where(idx == 0, first[None, :], x)
+    idx = _item_index(x)
+    out = tl.where(idx == 0, _tiled(first), x)
     for i in tl.static_range(1, x.shape[0]):
-        out = tl.where(idx == i, _item(x, i - 1)[None, :], out)
+        out = tl.where(idx == i, _tiled(_item(x, i - 1)), out)
     return out
 
 
@@ -149,38 +253,49 @@ def _lane_exp2(log2_decay):
 
 
 @triton.jit
+def _lanes(x):
+    """The lane index of every element of a per-lane value."""
+    return tl.arange(0, x.shape[len(x.shape) - 1]) + tl.zeros(x.shape, tl.int32)
+
+
+@triton.jit
+def _from_lane(x, lane):
+    """A per-lane value read at lane index `lane` (same shape) within each channel: shuffles."""
+    return tl.gather(x, lane, len(x.shape) - 1)
+
+
+@triton.jit
 def _lane_states(decay, x, carry, LANES: tl.constexpr, REVERSE: tl.constexpr):
     """The state entering each lane, from each lane's aggregate (decay, x) over its items and the
-    state `carry` entering the chunk ([LANES], the same in every lane). REVERSE runs toward
-    earlier lanes: the carry enters at the chunk's end and "entering" is at a lane's last item.
-    Returns (entering [LANES], the scan's totals; index LANES - 1 holds the state leaving the
+    state `carry` entering the chunk (per-lane values, carry the same in every lane). REVERSE runs
+    toward earlier lanes: the carry enters at the chunk's end and "entering" is at a lane's last
+    item. Returns (entering, the scan's totals; lane LANES - 1 holds the state leaving the
     chunk)."""
-    lane = tl.arange(0, LANES)
+    lane = _lanes(x)
     edge = LANES - 1 if REVERSE else 0
     x = tl.where(lane == edge, x + decay * carry, x)
     if REVERSE:  # scan the lanes in reverse order by index, not with reverse=True
-        order = LANES - 1 - lane
-        decay = tl.gather(decay, order, 0)
-        x = tl.gather(x, order, 0)
-    _, total = tl.associative_scan((decay, x), 0, _affine_combine_saturating)
-    entering = tl.gather(total, tl.maximum(lane - 1, 0), 0)
+        decay = _from_lane(decay, LANES - 1 - lane)
+        x = _from_lane(x, LANES - 1 - lane)
+    _, total = tl.associative_scan((decay, x), len(x.shape) - 1, _affine_combine_saturating)
+    entering = _from_lane(total, tl.maximum(lane - 1, 0))
     if REVERSE:
-        entering = tl.gather(entering, LANES - 1 - lane, 0)
+        entering = _from_lane(entering, LANES - 1 - lane)
     return tl.where(lane == edge, carry, entering), total
 
 
 @triton.jit
 def _with_element(v, n, value_at, index):
-    """v with element n replaced by value_at[index] (v is a small [BLOCK_N] register vector)."""
-    offs = tl.arange(0, v.shape[0])
-    return tl.where(offs == n, tl.gather(value_at, tl.full(v.shape, index, tl.int32), 0), v)
+    """v (per-state) with state n replaced by value_at (per-lane) at lane `index`."""
+    axis: tl.constexpr = len(v.shape) - 1
+    offs = tl.arange(0, v.shape[axis])
+    return tl.where(offs == n, tl.gather(value_at, tl.full(v.shape, index, tl.int32), axis), v)
 
 
 @triton.jit
 def _scan_items(a, x, entering):
     """h_i = a_i h_{i-1} + x_i along each lane's items, from the state entering the lane."""
-    idx = tl.arange(0, a.shape[0])[:, None]
-    x = tl.where(idx == 0, x + a * entering[None, :], x)
+    x = tl.where(_item_index(a) == 0, x + a * _tiled(entering), x)
     _, h = tl.associative_scan((a, x), 0, _affine_combine)
     return h
 
@@ -188,15 +303,14 @@ def _scan_items(a, x, entering):
 @triton.jit
 def _scan_items_reverse(a, x, entering):
     """g_i = a_i g_{i+1} + x_i along each lane's items, from the value entering at its end."""
-    idx = tl.arange(0, a.shape[0])[:, None]
-    x = tl.where(idx == a.shape[0] - 1, x + a * entering[None, :], x)
+    x = tl.where(_item_index(a) == a.shape[0] - 1, x + a * _tiled(entering), x)
     _, g = tl.associative_scan((tl.flip(a, 0), tl.flip(x, 0)), 0, _affine_combine)
     return tl.flip(g, 0)
 
 
 @triton.jit
 def _lane_aggregate(a, x):
-    """Each lane's scan of its items from 0: the x part of its aggregate, [LANES]."""
+    """Each lane's scan of its items from 0: the x part of its aggregate, per lane."""
     _, h = tl.associative_scan((a, x), 0, _affine_combine)
     return _item(h, a.shape[0] - 1)
 
@@ -209,8 +323,12 @@ def _lane_aggregate_reverse(a, x):
 
 @triton.jit
 def _pick(v, n, LANES: tl.constexpr):
-    """Element n of a small [BLOCK_N] register vector, broadcast to every lane: one shuffle."""
-    return tl.gather(v, tl.full([LANES], n, tl.int32), 0)
+    """State n of a per-state value, broadcast to every lane: one shuffle."""
+    if len(v.shape) == 1:
+        y = tl.gather(v, tl.full([LANES], n, tl.int32), 0)
+    else:
+        y = tl.gather(v, tl.full([v.shape[0], LANES], n, tl.int32), 1)
+    return y
 
 
 @triton.jit
@@ -267,36 +385,40 @@ def _log2_decay_rate(A):
 
 
 @triton.jit
-def _channel_row(ptr, offs_n, mask_n):
-    """A per-channel (N,) row (A, or a fixed B or C) as a [BLOCK_N] fp32 register vector."""
-    return tl.load(ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+def _channel_rows(ptr, d, d_state, offs_n, mask_n, CH: tl.constexpr):
+    """The per-channel (N,) rows of channels d (A, or a fixed B or C) as a [CH, BLOCK_N] fp32
+    register tensor."""
+    rows = ptr + _column(d, CH) * d_state + offs_n
+    return tl.load(rows, mask=mask_n, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _channel_params(A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, d, d_state, offs_n, mask_n,
                     HAS_D: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, B_VARIABLE: tl.constexpr,
-                    C_VARIABLE: tl.constexpr):
-    """Channel d's A and fixed B, C rows as [BLOCK_N] register vectors (one shuffle per state to
-    read; a variable B or C gives A in its place, unused) and its D and delta_bias (0 if absent)."""
-    A = _channel_row(A_ptr + d * d_state, offs_n, mask_n)
-    B_fixed = A if B_VARIABLE else _channel_row(B_ptr + d * d_state, offs_n, mask_n)
-    C_fixed = A if C_VARIABLE else _channel_row(C_ptr + d * d_state, offs_n, mask_n)
-    D = tl.load(D_ptr + d) if HAS_D else 0.0
-    bias = tl.load(delta_bias_ptr + d) if HAS_DELTA_BIAS else 0.0
+                    C_VARIABLE: tl.constexpr, CH: tl.constexpr):
+    """Channels d's A and fixed B, C rows as [CH, BLOCK_N] register tensors (one shuffle per state
+    to read; a variable B or C gives A in its place, unused) and their D and delta_bias ([CH], 0
+    if absent)."""
+    A = _channel_rows(A_ptr, d, d_state, offs_n, mask_n, CH)
+    B_fixed = A if B_VARIABLE else _channel_rows(B_ptr, d, d_state, offs_n, mask_n, CH)
+    C_fixed = A if C_VARIABLE else _channel_rows(C_ptr, d, d_state, offs_n, mask_n, CH)
+    D = tl.load(D_ptr + d).to(tl.float32) if HAS_D else d * 0.0
+    bias = tl.load(delta_bias_ptr + d).to(tl.float32) if HAS_DELTA_BIAS else d * 0.0
     return A, B_fixed, C_fixed, D, bias
 
 
 @triton.jit
 def _state_tile(row, n, stride_n, d_state, t, mask, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr):
-    """Variable B or C of state n (clamped to the last one) as a [ITEMS, LANES] tile."""
+    """Variable B or C of state n (clamped to the last one) as a [ITEMS, 1, LANES] tile, shared by
+    the program's channels."""
     return _load_tile(row + tl.minimum(n, d_state - 1) * stride_n, t, mask, LANES, ITEMS, VEC)
 
 
 @triton.jit
 def _sequence(cu_seqlens_ptr, d, dim, seqlen, SAVED_EVERY: tl.constexpr, VEC: tl.constexpr, VARLEN: tl.constexpr):
-    """What program (d, s) runs: (batch row b, the step its time offsets count from, the first and
-    the end offset of its own steps, its first slot of the saved states in the row, its row of the
-    (batch or sequence, dim, N) states).
+    """What program (channels d [CH], s) runs: (batch row b, the step its time offsets count from,
+    the first and the end offset of its own steps, its first slot of the saved states in the row,
+    its channels' rows of the (batch or sequence, dim, N) states [CH]).
 
     VARLEN: sequence s of the packed batch of one row, steps cu_seqlens[s] ... cu_seqlens[s + 1] - 1.
     Offsets count from that start rounded down to a multiple of VEC, so that vector loads stay
@@ -364,49 +486,52 @@ def selective_scan_fwd_kernel(
     # meta
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr,
     DELTA_SOFTPLUS: tl.constexpr, B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr,
-    BLOCK_N: tl.constexpr, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_N: tl.constexpr, CH: tl.constexpr, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr,
     SAVE_LANES: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """out, last_state, and the state entering every SAVE_LANES * ITEMS steps (the backward's
-    chunks) in chunk_states (batch, dim, saved_per_row, N). VARLEN: program s runs sequence s of
+    chunks) in chunk_states (batch, dim, saved_per_row, N). Program (p, s) runs channels
+    p * CH ... p * CH + CH - 1 (of one group) of batch row s, or, under VARLEN, of sequence s of
     the packed batch of one row (see _sequence)."""
-    d = tl.program_id(0)
+    d = _channels(tl.program_id(0), CH)
     b, start, first, length, save_base, state = _sequence(cu_seqlens_ptr, d, dim, seqlen, SAVE_LANES * ITEMS, VEC,
                                                           VARLEN)
-    channel = b * dim + d  # row of the contiguous (batch, dim, L) tensors
-    group = d // dim_per_group
+    channel = b * dim + d  # rows of the contiguous (batch, dim, L) tensors
+    group = tl.program_id(0) * CH // dim_per_group
     lane = tl.arange(0, LANES)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < d_state
 
-    u_row = u_ptr + b * stride_u_b + d * stride_u_d + start
-    delta_row = delta_ptr + b * stride_delta_b + d * stride_delta_d + start
+    u_rows = u_ptr + _channel_axis(b * stride_u_b + d * stride_u_d + start, CH)
+    delta_rows = delta_ptr + _channel_axis(b * stride_delta_b + d * stride_delta_d + start, CH)
     B_row = B_ptr + b * stride_B_b + group * stride_B_g + start  # variable B, C: this (batch, group)
     C_row = C_ptr + b * stride_C_b + group * stride_C_g + start
     A, B_fixed, C_fixed, D, bias = _channel_params(A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, d, d_state, offs_n,
-                                                   mask_n, HAS_D, HAS_DELTA_BIAS, B_VARIABLE, C_VARIABLE)
+                                                   mask_n, HAS_D, HAS_DELTA_BIAS, B_VARIABLE, C_VARIABLE, CH)
     n_saved = tl.cdiv(length, SAVE_LANES * ITEMS)
-    saved = chunk_states_ptr + (channel * saved_per_row + save_base) * d_state
+    # chunk_states of the row's channels: a scalar pointer plus int32 offsets [CH, 1]
+    saved = chunk_states_ptr + _column((channel * saved_per_row + save_base) * d_state, CH)
 
     # The state of every n, carried from chunk to chunk in registers.
     if HAS_INITIAL_STATE:
-        carry = tl.load(initial_state_ptr + state * d_state + offs_n, mask=mask_n, other=0.0)
+        carry = tl.load(initial_state_ptr + _column(state, CH) * d_state + offs_n, mask=mask_n,
+                        other=0.0)
     else:
-        carry = tl.zeros([BLOCK_N], tl.float32)
+        carry = tl.zeros(A.shape, tl.float32)
 
     for c in range(0, tl.cdiv(length, LANES * ITEMS)):
-        t = _time_offsets(c * LANES * ITEMS, LANES, ITEMS, VEC)
+        t = _time_offsets(c * LANES * ITEMS, LANES, ITEMS, VEC, CH)
         mask = None if EVEN else _in_sequence(t, first, length, VARLEN)
-        u = _load_tile(u_row, t, mask, LANES, ITEMS, VEC)
-        delta = _load_tile(delta_row, t, mask, LANES, ITEMS, VEC)
-        dt, _ = _discretize(delta, bias, dt_scale, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)
+        u = _load_tile_f32(u_rows, t, mask, LANES, ITEMS, VEC)
+        delta = _load_tile_f32(delta_rows, t, mask, LANES, ITEMS, VEC)
+        dt, _ = _discretize(delta, _on_tiles(bias, CH), dt_scale, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)
         if not EVEN:  # steps past the end: a = 1 and x = 0, the state passes through
             dt = tl.where(_items_first(mask, LANES, ITEMS, VEC), dt, 0.0)
         dtu = dt * u * b_scale
         dt_lane = tl.sum(dt, 0)
         save = c * (LANES // SAVE_LANES) + lane // SAVE_LANES
         save_mask = (lane % SAVE_LANES == 0) & (save < n_saved)
-        y = tl.zeros([ITEMS, LANES], tl.float32)
+        y = tl.zeros(dt.shape, tl.float32)
         # Variable B and C are loaded for the next state right after their last use, so that
         # the load overlaps the rest of this state's work.
         if B_VARIABLE:
@@ -415,12 +540,12 @@ def selective_scan_fwd_kernel(
             C = _state_tile(C_row, 0, stride_C_n, d_state, t, mask, LANES, ITEMS, VEC)
         for n in range(0, d_state):
             A2 = _log2_decay_rate(_pick(A, n, LANES))
-            a = tl.exp2(dt * A2)
+            a = tl.exp2(dt * _tiled(A2))
             if B_VARIABLE:
                 x = dtu * B
                 B = _state_tile(B_row, n + 1, stride_B_n, d_state, t, mask, LANES, ITEMS, VEC)
             else:
-                x = dtu * _pick(B_fixed, n, LANES)
+                x = dtu * _tiled(_pick(B_fixed, n, LANES))
             entering, total = _lane_states(_lane_exp2(dt_lane * A2), _lane_aggregate(a, x),
                                            _pick(carry, n, LANES), LANES, False)
             tl.store(saved + save * d_state + n, entering, mask=save_mask)
@@ -429,17 +554,18 @@ def selective_scan_fwd_kernel(
                 y += C * h
                 C = _state_tile(C_row, n + 1, stride_C_n, d_state, t, mask, LANES, ITEMS, VEC)
             else:
-                y += _pick(C_fixed, n, LANES) * h
+                y += _tiled(_pick(C_fixed, n, LANES)) * h
             carry = _with_element(carry, n, total, LANES - 1)
         y = y * c_scale
         if HAS_D:
-            y += D * u
+            y += _on_tiles(D, CH) * u
         if HAS_Z:
-            z = _load_tile(z_ptr + b * stride_z_b + d * stride_z_d + start, t, mask, LANES, ITEMS, VEC)
+            z_rows = z_ptr + _channel_axis(b * stride_z_b + d * stride_z_d + start, CH)
+            z = _load_tile_f32(z_rows, t, mask, LANES, ITEMS, VEC)
             y *= z * _sigmoid(z, FAST_MATH)
-        _store_tile(out_ptr + channel * seqlen + start, t, mask, y, LANES, ITEMS, VEC)
+        _store_tile(out_ptr + _channel_axis(channel * seqlen + start, CH), t, mask, y, LANES, ITEMS, VEC)
 
-    tl.store(last_state_ptr + state * d_state + offs_n, carry, mask=mask_n)
+    tl.store(last_state_ptr + _column(state, CH) * d_state + offs_n, carry, mask=mask_n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,31 +574,52 @@ def selective_scan_fwd_kernel(
 
 @triton.jit
 def _sum_all(x):
-    return tl.sum(tl.sum(x, 0), 0)
+    """A tile's sum over its items and lanes: a per-channel value."""
+    if len(x.shape) == 2:
+        y = tl.sum(tl.sum(x, 0), 0)
+    else:
+        y = tl.sum(tl.sum(x, 0), 1)
+    return y
+
+
+@triton.jit
+def _per_lane_zeros(LANES: tl.constexpr, CH: tl.constexpr):
+    if CH == 1:
+        z = tl.zeros([LANES], tl.float32)
+    else:
+        z = tl.zeros([CH, LANES], tl.float32)
+    return z
 
 
 @triton.jit
 def _add_at(v, n, value):
-    """v + value at element n (v a small [BLOCK_N] register vector, value a scalar)."""
-    return tl.where(tl.arange(0, v.shape[0]) == n, v + value, v)
+    """v + value at column n (v a small [CH, BLOCK_N] register tensor, value [CH])."""
+    axis: tl.constexpr = len(v.shape) - 1
+    if axis == 1:
+        value = value[:, None]
+    return tl.where(tl.arange(0, v.shape[axis]) == n, v + value, v)
 
 
-# How the backward sums variable dB and dC over the channels of a group (every program adds
-# its channel's terms to the same (batch, G, N, L) elements):
+# How the backward sums variable dB and dC over the channels of a group: a program first adds
+# the terms of its CH channels in registers and shared memory, then adds that partial to the
+# (batch, G, N, L) elements that every program of the group adds to:
 REDUCE_ATOMIC = tl.constexpr(0)  # fp32 atomics: one pass; the rounding depends on their order
-REDUCE_BOUND = tl.constexpr(1)  # deterministic pass 1: the largest |term| of every element
-REDUCE_FIXED = tl.constexpr(2)  # deterministic pass 2: int64 fixed-point terms, scaled per element
+REDUCE_BOUND = tl.constexpr(1)  # deterministic pass 1: the largest |partial| of every element
+REDUCE_FIXED = tl.constexpr(2)  # deterministic pass 2: int64 fixed-point partials, scaled per element
 # Integer addition and max do not depend on the order, so passes 1 + 2 give the same bits every
-# run. Pass 1 keeps the bound as the int32 bits of a non-negative float (they order like the
-# floats); fixed_point_scale_kernel turns it, in place, into the element's fp32 scale 2^shift.
+# run (a program's own sum over its channels runs in a fixed order). Pass 1 keeps the bound as the
+# int32 bits of a non-negative float (they order like the floats); fixed_point_scale_kernel turns
+# it, in place, into the element's fp32 scale 2^shift.
 
 
 @triton.jit
 def _channel_sum(ptr, offset, value, scale, mask, REDUCE: tl.constexpr,
                  LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr):
-    """Adds a channel's terms [ITEMS, LANES] into ptr[offset] (shared by the group's channels),
-    as REDUCE says; ptr is fp32 (ATOMIC), the int32 bound (BOUND) or the int64 sum (FIXED, with
-    the elements' scales from _scale_tile)."""
+    """Adds the program's channels' terms [ITEMS, CH, LANES], summed over CH, into ptr[offset]
+    (a tile of one row, shared by the group's programs), as REDUCE says; ptr is fp32 (ATOMIC), the
+    int32 bound (BOUND) or the int64 sum (FIXED, with the elements' scales from _scale_tile)."""
+    if len(value.shape) == 3:
+        value = tl.sum(value, 1, keep_dims=True)
     v = _vectors_first(value, LANES, ITEMS, VEC)
     if REDUCE == REDUCE_ATOMIC:
         tl.atomic_add(ptr + offset, v, mask=mask, sem="relaxed")
@@ -547,72 +694,75 @@ def selective_scan_bwd_kernel(
     # meta
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_DLAST_STATE: tl.constexpr,
     DELTA_SOFTPLUS: tl.constexpr, B_VARIABLE: tl.constexpr, C_VARIABLE: tl.constexpr,
-    BLOCK_N: tl.constexpr, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_N: tl.constexpr, CH: tl.constexpr, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr,
     EVEN: tl.constexpr, FAST_MATH: tl.constexpr, REDUCE: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """Chunks of LANES * ITEMS steps, the forward's saved states' spacing. du, ddelta, dz are
-    (batch, dim, L); variable dB, dC (batch, G, N, L), summed over channels as REDUCE says
-    (REDUCE_BOUND writes nothing else); dA, dinitial_state and fixed dB, dC (batch, dim, N) and
-    dD, ddelta_bias (batch, dim) are per-batch partials, summed afterwards in a fixed order (per
-    sequence under VARLEN, as the states)."""
+    """Chunks of LANES * ITEMS steps, the forward's saved states' spacing; the programs' channels
+    as in the forward. du, ddelta, dz are (batch, dim, L); variable dB, dC (batch, G, N, L), summed
+    over channels as REDUCE says (REDUCE_BOUND writes nothing else); dA, dinitial_state and fixed
+    dB, dC (batch, dim, N) and dD, ddelta_bias (batch, dim) are per-batch partials, summed
+    afterwards in a fixed order (per sequence under VARLEN, as the states)."""
     WRITE_GRADS: tl.constexpr = REDUCE != REDUCE_BOUND
-    d = tl.program_id(0)
+    d = _channels(tl.program_id(0), CH)
     b, start, first, length, save_base, state = _sequence(cu_seqlens_ptr, d, dim, seqlen, LANES * ITEMS, VEC, VARLEN)
     channel = b * dim + d
-    group = d // dim_per_group
+    group = tl.program_id(0) * CH // dim_per_group
     groups = dim // dim_per_group
     lane = tl.arange(0, LANES)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < d_state
 
-    dout_row = dout_ptr + b * stride_dout_b + d * stride_dout_d + start
-    u_row = u_ptr + b * stride_u_b + d * stride_u_d + start
-    delta_row = delta_ptr + b * stride_delta_b + d * stride_delta_d + start
+    dout_rows = dout_ptr + _channel_axis(b * stride_dout_b + d * stride_dout_d + start, CH)
+    u_rows = u_ptr + _channel_axis(b * stride_u_b + d * stride_u_d + start, CH)
+    delta_rows = delta_ptr + _channel_axis(b * stride_delta_b + d * stride_delta_d + start, CH)
+    grad_rows = _channel_axis(channel * seqlen + start, CH)  # du, ddelta, dz
     B_row = B_ptr + b * stride_B_b + group * stride_B_g + start
     C_row = C_ptr + b * stride_C_b + group * stride_C_g + start
     A, B_fixed, C_fixed, D, bias = _channel_params(A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, d, d_state, offs_n,
-                                                   mask_n, HAS_D, HAS_DELTA_BIAS, B_VARIABLE, C_VARIABLE)
+                                                   mask_n, HAS_D, HAS_DELTA_BIAS, B_VARIABLE, C_VARIABLE, CH)
     dBC_row = (b * groups + group) * d_state * seqlen + start  # variable dB, dC: (batch, G, N, L)
     n_chunks = tl.cdiv(length, LANES * ITEMS)
-    saved = chunk_states_ptr + (channel * saved_per_row + save_base) * d_state
+    saved = chunk_states_ptr + _column((channel * saved_per_row + save_base) * d_state, CH) + offs_n
 
     # dL/dh of the state leaving the current chunk, from every later step (and from last_state).
     if HAS_DLAST_STATE:
-        dcarry = tl.load(dlast_state_ptr + state * d_state + offs_n, mask=mask_n, other=0.0)
+        dcarry = tl.load(dlast_state_ptr + _column(state, CH) * d_state + offs_n, mask=mask_n,
+                         other=0.0)
     else:
-        dcarry = tl.zeros([BLOCK_N], tl.float32)
-    dA = tl.zeros([BLOCK_N], tl.float32)
-    dB_fixed = tl.zeros([BLOCK_N], tl.float32)
-    dC_fixed = tl.zeros([BLOCK_N], tl.float32)
-    dD = tl.zeros([LANES], tl.float32)
-    dbias = tl.zeros([LANES], tl.float32)
+        dcarry = tl.zeros(A.shape, tl.float32)
+    dA = tl.zeros(A.shape, tl.float32)
+    dB_fixed = tl.zeros(A.shape, tl.float32)
+    dC_fixed = tl.zeros(A.shape, tl.float32)
+    dD = _per_lane_zeros(LANES, CH)
+    dbias = _per_lane_zeros(LANES, CH)
 
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
-        t = _time_offsets(c * LANES * ITEMS, LANES, ITEMS, VEC)
+        t = _time_offsets(c * LANES * ITEMS, LANES, ITEMS, VEC, CH)
         mask = None if EVEN else _in_sequence(t, first, length, VARLEN)
-        h_start = tl.load(saved + c * d_state + offs_n, mask=mask_n, other=0.0)
-        u = _load_tile(u_row, t, mask, LANES, ITEMS, VEC)
-        delta = _load_tile(delta_row, t, mask, LANES, ITEMS, VEC)
-        dt, ddt = _discretize(delta, bias, dt_scale, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)
+        h_start = tl.load(saved + c * d_state, mask=mask_n, other=0.0)
+        # u, dout, z and d dt / d(pre-activation) are loaded again after the state loop rather
+        # than kept live through it (registers)
+        u = _load_tile_f32(u_rows, t, mask, LANES, ITEMS, VEC)
+        delta = _load_tile_f32(delta_rows, t, mask, LANES, ITEMS, VEC)
+        dt = _discretize(delta, _on_tiles(bias, CH), dt_scale, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)[0]
         if not EVEN:
-            ddt = tl.where(_items_first(mask, LANES, ITEMS, VEC), ddt, 0.0)
             dt = tl.where(_items_first(mask, LANES, ITEMS, VEC), dt, 0.0)
         dtu = dt * u * b_scale
         dt_lane = tl.sum(dt, 0)
         # sum of each lane's decays toward the next step, a_{t+1}: 1 after the chunk's last step
         dt_first = _item(dt, 0)
-        dt_after = tl.where(lane == LANES - 1, 0.0, tl.gather(dt_first, tl.minimum(lane + 1, LANES - 1), 0))
+        dt_after = tl.where(lane == LANES - 1, 0.0, _from_lane(dt_first, tl.minimum(_lanes(dt_first) + 1, LANES - 1)))
         dt_next_lane = dt_lane - dt_first + dt_after
-        dy = _load_tile(dout_row, t, mask, LANES, ITEMS, VEC)
+        dy = _load_tile_f32(dout_rows, t, mask, LANES, ITEMS, VEC)
         if HAS_Z:  # out = y * silu(z); dz is computed after the state loop, which accumulates y
-            z_row = z_ptr + b * stride_z_b + d * stride_z_d + start
-            z = _load_tile(z_row, t, mask, LANES, ITEMS, VEC)
+            z_rows = z_ptr + _channel_axis(b * stride_z_b + d * stride_z_d + start, CH)
+            z = _load_tile_f32(z_rows, t, mask, LANES, ITEMS, VEC)
             dy *= z * _sigmoid(z, FAST_MATH)
-            y = tl.zeros([ITEMS, LANES], tl.float32)
+            y = tl.zeros(dt.shape, tl.float32)
         dyc = dy * c_scale
-        dx = tl.zeros([ITEMS, LANES], tl.float32)  # sum over n of g_t B_t: du and ddelta through x
-        ddt_decay = tl.zeros([ITEMS, LANES], tl.float32)  # sum over n of g_t A a_t h_{t-1}
+        dx = tl.zeros(dt.shape, tl.float32)  # sum over n of g_t B_t: du and ddelta through x
+        ddt_decay = tl.zeros(dt.shape, tl.float32)  # sum over n of g_t A a_t h_{t-1}
         if B_VARIABLE:
             B = _state_tile(B_row, 0, stride_B_n, d_state, t, mask, LANES, ITEMS, VEC)
         if C_VARIABLE:
@@ -623,11 +773,11 @@ def selective_scan_bwd_kernel(
         dC_scale = _scale_tile(dC_scale_ptr, dBC_row, 0, d_state, seqlen, t, mask) if FIXED_C else None
         for n in range(0, d_state):
             if not B_VARIABLE:
-                B = _pick(B_fixed, n, LANES)
+                B = _tiled(_pick(B_fixed, n, LANES))
             A_n = _pick(A, n, LANES)
             A2 = _log2_decay_rate(A_n)
             # the chunk's states again, from the saved one
-            a = tl.exp2(dt * A2)
+            a = tl.exp2(dt * _tiled(A2))
             x = dtu * B
             entering, _ = _lane_states(_lane_exp2(dt_lane * A2), _lane_aggregate(a, x), _pick(h_start, n, LANES),
                                        LANES, False)
@@ -635,7 +785,7 @@ def selective_scan_bwd_kernel(
             decayed = a * _shift_to_later(h, entering)  # a_t h_{t-1}
             # adjoint g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}
             a_first = _item(a, 0)
-            a_after = tl.where(lane == LANES - 1, 1.0, tl.gather(a_first, tl.minimum(lane + 1, LANES - 1), 0))
+            a_after = tl.where(lane == LANES - 1, 1.0, _from_lane(a_first, tl.minimum(_lanes(a_first) + 1, LANES - 1)))
             a_next = _shift_to_earlier(a, a_after)
             if C_VARIABLE:  # C is loaded for the next state right after its last use
                 v = C * dyc
@@ -643,24 +793,27 @@ def selective_scan_bwd_kernel(
                     y += C * h
                 C = _state_tile(C_row, n + 1, stride_C_n, d_state, t, mask, LANES, ITEMS, VEC)
             else:
-                v = _pick(C_fixed, n, LANES) * dyc
+                C_n = _tiled(_pick(C_fixed, n, LANES))
+                v = C_n * dyc
                 if HAS_Z:
-                    y += _pick(C_fixed, n, LANES) * h
+                    y += C_n * h
             g_entering, g_total = _lane_states(_lane_exp2(dt_next_lane * A2), _lane_aggregate_reverse(a_next, v),
                                                _pick(dcarry, n, LANES), LANES, True)
             g = _scan_items_reverse(a_next, v, g_entering)
             # dL/dh_{t0 - 1} = a_{t0} g_{t0}, carried to the previous chunk
-            dcarry = tl.where(offs_n == n, tl.gather(a_first, tl.zeros([BLOCK_N], tl.int32), 0)
-                              * tl.gather(g_total, tl.full([BLOCK_N], LANES - 1, tl.int32), 0), dcarry)
+            dcarry = _with_element(dcarry, n, _from_lane(a_first, tl.zeros(a_first.shape, tl.int32)) * g_total,
+                                   LANES - 1)
 
             if B_VARIABLE:  # the next state's scales are loaded right after use, as B and C are
-                _channel_sum(dB_ptr, dBC_row + n * seqlen + t, g * dtu, dB_scale, mask, REDUCE, LANES, ITEMS, VEC)
+                _channel_sum(dB_ptr, dBC_row + n * seqlen + t, g * dtu, dB_scale, mask, REDUCE, LANES, ITEMS,
+                             VEC)
                 if FIXED_B:
                     dB_scale = _scale_tile(dB_scale_ptr, dBC_row, n + 1, d_state, seqlen, t, mask)
             else:
                 dB_fixed = _add_at(dB_fixed, n, _sum_all(g * dtu))
             if C_VARIABLE:
-                _channel_sum(dC_ptr, dBC_row + n * seqlen + t, h * dyc, dC_scale, mask, REDUCE, LANES, ITEMS, VEC)
+                _channel_sum(dC_ptr, dBC_row + n * seqlen + t, h * dyc, dC_scale, mask, REDUCE, LANES, ITEMS,
+                             VEC)
                 if FIXED_C:
                     dC_scale = _scale_tile(dC_scale_ptr, dBC_row, n + 1, d_state, seqlen, t, mask)
             else:
@@ -669,38 +822,46 @@ def selective_scan_bwd_kernel(
             if B_VARIABLE:
                 B = _state_tile(B_row, n + 1, stride_B_n, d_state, t, mask, LANES, ITEMS, VEC)
             g_decayed = g * decayed
-            ddt_decay += g_decayed * A_n
+            ddt_decay += g_decayed * _tiled(A_n)
             dA = _add_at(dA, n, _sum_all(g_decayed * dt))
 
         if WRITE_GRADS:
-            if HAS_Z:  # dout and z again rather than kept live through the state loop
+            u = _load_tile_f32(u_rows, t, mask, LANES, ITEMS, VEC)
+            ddt = _discretize(_load_tile_f32(delta_rows, t, mask, LANES, ITEMS, VEC), _on_tiles(bias, CH), dt_scale,
+                              HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)[1]
+            if not EVEN:
+                ddt = tl.where(_items_first(mask, LANES, ITEMS, VEC), ddt, 0.0)
+            dy = _load_tile_f32(dout_rows, t, mask, LANES, ITEMS, VEC)
+            if HAS_Z:
                 y = y * c_scale
                 if HAS_D:
-                    y += D * u
-                z = _load_tile(z_row, t, mask, LANES, ITEMS, VEC)
+                    y += _on_tiles(D, CH) * u
+                z = _load_tile_f32(z_rows, t, mask, LANES, ITEMS, VEC)
                 sig = _sigmoid(z, FAST_MATH)
-                dz = _load_tile(dout_row, t, mask, LANES, ITEMS, VEC) * y * sig * (1.0 + z * (1.0 - sig))
-                _store_tile(dz_ptr + channel * seqlen + start, t, mask, dz, LANES, ITEMS, VEC)
+                dz = dy * y * sig * (1.0 + z * (1.0 - sig))
+                _store_tile(dz_ptr + grad_rows, t, mask, dz, LANES, ITEMS, VEC)
+                dy *= z * sig
             du = dx * dt * b_scale
             if HAS_D:
-                du += D * dy
+                du += _on_tiles(D, CH) * dy
                 dD += tl.sum(dy * u, 0)
-            _store_tile(du_ptr + channel * seqlen + start, t, mask, du, LANES, ITEMS, VEC)
+            _store_tile(du_ptr + grad_rows, t, mask, du, LANES, ITEMS, VEC)
             dpre = (dx * u * b_scale + ddt_decay) * ddt
-            _store_tile(ddelta_ptr + channel * seqlen + start, t, mask, dpre * dt_scale, LANES, ITEMS, VEC)
+            _store_tile(ddelta_ptr + grad_rows, t, mask, dpre * dt_scale, LANES, ITEMS, VEC)
             dbias += tl.sum(dpre, 0)
 
     if WRITE_GRADS:
-        tl.store(dinitial_state_ptr + state * d_state + offs_n, dcarry, mask=mask_n)
-        tl.store(dA_ptr + state * d_state + offs_n, dA, mask=mask_n)
+        states = _column(state, CH) * d_state + offs_n  # the (batch, dim, N) partials' elements
+        tl.store(dinitial_state_ptr + states, dcarry, mask=mask_n)
+        tl.store(dA_ptr + states, dA, mask=mask_n)
         if not B_VARIABLE:
-            tl.store(dB_ptr + state * d_state + offs_n, dB_fixed, mask=mask_n)
+            tl.store(dB_ptr + states, dB_fixed, mask=mask_n)
         if not C_VARIABLE:
-            tl.store(dC_ptr + state * d_state + offs_n, dC_fixed, mask=mask_n)
+            tl.store(dC_ptr + states, dC_fixed, mask=mask_n)
         if HAS_D:
-            tl.store(dD_ptr + state, tl.sum(dD, 0))
+            tl.store(dD_ptr + state, _per_channel(dD))
         if HAS_DELTA_BIAS:
-            tl.store(ddelta_bias_ptr + state, tl.sum(dbias, 0))
+            tl.store(ddelta_bias_ptr + state, _per_channel(dbias))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,7 +873,8 @@ class Geometry:
     interpreter (CPU tensors) runs the same code on small tiles, so that tests of a few dozen
     steps cross several chunks and the forward's chunks differ from the backward's."""
 
-    def __init__(self, seqlen: int, d_state: int, io_dtypes, device: torch.device, num_seqs: int = 0):
+    def __init__(self, seqlen: int, d_state: int, io_dtypes, device: torch.device, num_seqs: int = 0,
+                 dim_per_group: int = 1):
         on_gpu = device.type != "cpu"  # the interpreter runs CPU tensors; "meta" compiles for the GPU
         self.lanes = 32 if on_gpu else 4
         items = triton.next_power_of_2(triton.cdiv(seqlen, self.lanes))
@@ -721,9 +883,10 @@ class Geometry:
         max_fwd, max_bwd = (16, 8) if on_gpu else (8, 4)
         self.items_bwd = min(items, max_bwd)
         self.items_fwd = max(min(items, max_fwd), self.items_bwd)
-        # Consecutive steps per vector load: 16 bytes of the widest io dtype (2 on the CPU, so
-        # that the tests cover several vectors per lane).
-        vec = min(16 // dtype.itemsize for dtype in io_dtypes) if on_gpu else 2
+        # Consecutive steps per vector load: 16 bytes of the widest io dtype, at most 4 steps (8
+        # bf16 steps spill registers where rows are not 16-byte aligned); 2 on the CPU, so that
+        # the tests cover several vectors per lane.
+        vec = min([4] + [16 // dtype.itemsize for dtype in io_dtypes]) if on_gpu else 2
         self.vec = min(vec, self.items_bwd)
         self.block_n = triton.next_power_of_2(d_state)
         self.state_chunk = self.lanes * self.items_bwd  # steps between the states the forward saves
@@ -733,12 +896,20 @@ class Geometry:
         self.even_bwd = not num_seqs and seqlen % self.state_chunk == 0
         self.fast_math = on_gpu
         self.num_warps = 1  # one warp per program: LANES lanes
+        # Channels per program, side by side in each lane's registers: they share every load of
+        # variable B and C and sum their dB and dC terms before the atomics, so both cost half per
+        # channel. Two channels (of one group) where the registers allow it without spills: whole
+        # chunks (no masks) and N <= 16, the common Mamba case; one elsewhere. docs/kernel_design.md
+        # has the designs tried and their figures.
+        two = dim_per_group % 2 == 0 and self.block_n <= 16
+        self.channels_fwd = 2 if two and self.even_fwd else 1
+        self.channels_bwd = 2 if two and self.even_bwd else 1
 
     @classmethod
-    def of(cls, u, B, C, z=None, cu_seqlens=None):
+    def of(cls, u, B, C, z=None, cu_seqlens=None, groups=1):
         io_dtypes = [u.dtype] + [t.dtype for t in (B, C, z) if t is not None and t.dim() >= 3]
         return cls(u.shape[2], B.shape[-2] if B.dim() == 4 else B.shape[1], io_dtypes, u.device,
-                   0 if cu_seqlens is None else cu_seqlens.numel() - 1)
+                   0 if cu_seqlens is None else cu_seqlens.numel() - 1, u.shape[1] // groups)
 
 
 def _time_contiguous(t):
@@ -757,9 +928,9 @@ def _row_strides(t):
 
 
 def _state_matrix(X):
-    """Fixed B or C contiguous; variable ones in fp32 with time contiguous: every channel reads
-    them, so they are converted once here rather than once per channel in the kernels."""
-    return X.contiguous() if X.dim() == 2 else _time_contiguous(X.float())
+    """Fixed B or C contiguous; variable ones in their own dtype with time contiguous (a program
+    loads them once for its channels and converts them to fp32 in registers)."""
+    return X.contiguous() if X.dim() == 2 else _time_contiguous(X)
 
 
 def _state_matrix_strides(X):
@@ -775,14 +946,14 @@ def selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, initial_state
     N = A.shape[1]
     u, delta, z = _time_contiguous(u), _time_contiguous(delta), _time_contiguous(z)
     B, C = _state_matrix(B), _state_matrix(C)
-    geo = Geometry.of(u, B, C, z, cu_seqlens)
+    geo = Geometry.of(u, B, C, z, cu_seqlens, groups)
     rows = state_rows(batch, cu_seqlens)  # programs per channel: a batch row or a packed sequence each
     out = new_buffer(batch, dim, seqlen, dtype=u.dtype, device=u.device)
     last_state = new_buffer(rows, dim, N, dtype=torch.float32, device=u.device)
     # packed: zeros, since the slots between sequences are never written and the op returns every slot
     chunk_states = (new_buffer if cu_seqlens is None else torch.zeros)(batch, dim, geo.n_saved, N,
                                                                        dtype=torch.float32, device=u.device)
-    selective_scan_fwd_kernel[(dim, rows)](
+    selective_scan_fwd_kernel[(dim // geo.channels_fwd, rows)](
         u_ptr=u, delta_ptr=delta, A_ptr=A.contiguous(), B_ptr=B, C_ptr=C, D_ptr=_contiguous(D), z_ptr=z,
         delta_bias_ptr=_contiguous(delta_bias), initial_state_ptr=_contiguous(initial_state),
         cu_seqlens_ptr=_contiguous(cu_seqlens),
@@ -793,7 +964,7 @@ def selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, initial_state
         **dict(zip(("stride_B_b", "stride_B_g", "stride_B_n"), _state_matrix_strides(B))),
         **dict(zip(("stride_C_b", "stride_C_g", "stride_C_n"), _state_matrix_strides(C))),
         dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale,
-        DELTA_SOFTPLUS=delta_softplus, BLOCK_N=geo.block_n, LANES=geo.lanes, ITEMS=geo.items_fwd, VEC=geo.vec,
+        DELTA_SOFTPLUS=delta_softplus, BLOCK_N=geo.block_n, CH=geo.channels_fwd, LANES=geo.lanes, ITEMS=geo.items_fwd, VEC=geo.vec,
         SAVE_LANES=geo.state_chunk // geo.items_fwd, EVEN=geo.even_fwd, FAST_MATH=geo.fast_math,
         num_warps=geo.num_warps,
     )
@@ -809,7 +980,7 @@ def selective_scan_bwd_triton(dout, dlast_state, u, delta, A, B, C, D, z, delta_
     dout, u, delta, z = (_time_contiguous(t) for t in (dout, u, delta, z))
     B_dtype, C_dtype = B.dtype, C.dtype
     B, C = _state_matrix(B), _state_matrix(C)
-    geo = Geometry.of(u, B, C, z, cu_seqlens)
+    geo = Geometry.of(u, B, C, z, cu_seqlens, groups)
     rows = state_rows(batch, cu_seqlens)  # the partials and states: per row, or per packed sequence
     f32 = dict(dtype=torch.float32, device=u.device)
     du = new_buffer(batch, dim, seqlen, dtype=u.dtype, device=u.device)
@@ -821,10 +992,11 @@ def selective_scan_bwd_triton(dout, dlast_state, u, delta, A, B, C, D, z, delta_
     ddelta_bias = None if delta_bias is None else new_buffer(rows, dim, **f32)
 
     dpg = dim // groups
+    channels = 1 if deterministic else geo.channels_bwd  # two spill in the deterministic passes
     headroom = (dpg - 1).bit_length() + 1  # 2^(headroom - 1) >= the channels summed per element
 
     def launch(reduce, dB_target, dC_target, dB_scale=None, dC_scale=None):
-        selective_scan_bwd_kernel[(dim, rows)](
+        selective_scan_bwd_kernel[(dim // channels, rows)](
             dout_ptr=dout, dlast_state_ptr=_contiguous(dlast_state), u_ptr=u, delta_ptr=delta, A_ptr=A.contiguous(),
             B_ptr=B, C_ptr=C, D_ptr=_contiguous(D), z_ptr=z, delta_bias_ptr=_contiguous(delta_bias),
             chunk_states_ptr=chunk_states, cu_seqlens_ptr=_contiguous(cu_seqlens),
@@ -838,7 +1010,7 @@ def selective_scan_bwd_triton(dout, dlast_state, u, delta, A, B, C, D, z, delta_
             **dict(zip(("stride_B_b", "stride_B_g", "stride_B_n"), _state_matrix_strides(B))),
             **dict(zip(("stride_C_b", "stride_C_g", "stride_C_n"), _state_matrix_strides(C))),
             dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale,
-            DELTA_SOFTPLUS=delta_softplus, BLOCK_N=geo.block_n, LANES=geo.lanes, ITEMS=geo.items_bwd, VEC=geo.vec,
+            DELTA_SOFTPLUS=delta_softplus, BLOCK_N=geo.block_n, CH=channels, LANES=geo.lanes, ITEMS=geo.items_bwd, VEC=geo.vec,
             EVEN=geo.even_bwd, FAST_MATH=geo.fast_math, REDUCE=reduce, num_warps=geo.num_warps,
         )
 
