@@ -88,8 +88,10 @@ def mamba_stub_source(dtype):
              "#include <stdexcept>",
              "namespace c10 { struct Half; struct BFloat16; template <typename T> struct complex; }",
              "struct SSMParamsBase; struct SSMParamsBwd; typedef struct CUstream_st *cudaStream_t;",
-             "template <typename input_t, typename weight_t> void selective_scan_fwd_cuda(SSMParamsBase &, cudaStream_t);",
-             "template <typename input_t, typename weight_t> void selective_scan_bwd_cuda(SSMParamsBwd &, cudaStream_t);"]
+             "template <typename input_t, typename weight_t>",
+             "void selective_scan_fwd_cuda(SSMParamsBase &, cudaStream_t);",
+             "template <typename input_t, typename weight_t>",
+             "void selective_scan_bwd_cuda(SSMParamsBwd &, cudaStream_t);"]
     for kind, params in (("fwd", "SSMParamsBase"), ("bwd", "SSMParamsBwd")):
         for input_t in inputs:
             for weight_t in ("float", "c10::complex<float>"):
@@ -177,7 +179,8 @@ class Session:
             if self.left() < MIN_SECONDS["kernels"] / 3:
                 break
             runs.append(self.bench(f"kernels_{mode}", ["benchmarks/test_scan_throughput.py"],
-                                   ["--bench-backends", "triton", "--bench-multipliers", "fused", "--bench-modes", mode]))
+                                   ["--bench-backends", "triton", "--bench-multipliers", "fused",
+                                    "--bench-modes", mode]))
         return dict(runs=runs, modes=len(runs))
 
     def tests(self):
@@ -392,7 +395,8 @@ def main(argv=None):
     failed = [n for n, r in session.results["steps"].items() if r["status"] in ("failed", "error")]
     skipped = [n for n, r in session.results["steps"].items() if r["status"] == "skipped"]
     print(f"[gpu_session] results in {session.out} after {time.time() - session.start:.0f} s"
-          + (f"; not ok: {', '.join(failed)}" if failed else "") + (f"; skipped: {', '.join(skipped)}" if skipped else ""))
+          + (f"; not ok: {', '.join(failed)}" if failed else "")
+          + (f"; skipped: {', '.join(skipped)}" if skipped else ""))
     return 1 if failed else 0
 
 

@@ -128,7 +128,9 @@ def mamba_sources(git_dir, work):
 
 def _cell(e):
     """LB / LB if L1 serves nothing / latency-aware (µs), loads + atomics (bytes per element-state)."""
-    traffic = f"{e['loads_bytes_per_es']:.2f}" + (f" + {e['atomic_bytes_per_es']:.2f}" if e["atomic_bytes_per_es"] else "")
+    traffic = f"{e['loads_bytes_per_es']:.2f}"
+    if e["atomic_bytes_per_es"]:
+        traffic += f" + {e['atomic_bytes_per_es']:.2f}"
     return (f"{e['lower_bound_us']:.0f} / {e['lower_bound_no_l1_us']:.0f} / {e['latency_aware_us']:.0f} "
             f"({traffic})")
 

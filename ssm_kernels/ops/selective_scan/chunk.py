@@ -25,8 +25,8 @@ Only products across lanes can overflow when the scan grows (dt * A > 0): they s
 largest float instead of reaching inf, so that inf * 0 never turns a zero state into NaN.
 
 Tiles. A [ITEMS, LANES] tile ([ITEMS, CH, LANES] for two channels; items first, so the items
-of a lane are the register axis) is loaded as a tile of VEC-wide vectors ([ITEMS // VEC, LANES, VEC], or [LANES, ITEMS // VEC, VEC]
-on Triton 3.6, see LANES_FIRST) and permuted and reshaped in registers; the compiler keeps one
+of a lane are the register axis) is loaded as a tile of VEC-wide vectors ([ITEMS // VEC, LANES,
+VEC], or [LANES, ITEMS // VEC, VEC] on Triton 3.6, see LANES_FIRST) and permuted and reshaped in registers; the compiler keeps one
 layout and moves no data.
 """
 
@@ -964,7 +964,8 @@ def selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, initial_state
         **dict(zip(("stride_B_b", "stride_B_g", "stride_B_n"), _state_matrix_strides(B))),
         **dict(zip(("stride_C_b", "stride_C_g", "stride_C_n"), _state_matrix_strides(C))),
         dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale,
-        DELTA_SOFTPLUS=delta_softplus, BLOCK_N=geo.block_n, CH=geo.channels_fwd, LANES=geo.lanes, ITEMS=geo.items_fwd, VEC=geo.vec,
+        DELTA_SOFTPLUS=delta_softplus, BLOCK_N=geo.block_n, CH=geo.channels_fwd, LANES=geo.lanes,
+        ITEMS=geo.items_fwd, VEC=geo.vec,
         SAVE_LANES=geo.state_chunk // geo.items_fwd, EVEN=geo.even_fwd, FAST_MATH=geo.fast_math,
         num_warps=geo.num_warps,
     )
@@ -1010,7 +1011,8 @@ def selective_scan_bwd_triton(dout, dlast_state, u, delta, A, B, C, D, z, delta_
             **dict(zip(("stride_B_b", "stride_B_g", "stride_B_n"), _state_matrix_strides(B))),
             **dict(zip(("stride_C_b", "stride_C_g", "stride_C_n"), _state_matrix_strides(C))),
             dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale,
-            DELTA_SOFTPLUS=delta_softplus, BLOCK_N=geo.block_n, CH=channels, LANES=geo.lanes, ITEMS=geo.items_bwd, VEC=geo.vec,
+            DELTA_SOFTPLUS=delta_softplus, BLOCK_N=geo.block_n, CH=channels, LANES=geo.lanes, ITEMS=geo.items_bwd,
+            VEC=geo.vec,
             EVEN=geo.even_bwd, FAST_MATH=geo.fast_math, REDUCE=reduce, num_warps=geo.num_warps,
         )
 
