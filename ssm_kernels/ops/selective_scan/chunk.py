@@ -125,16 +125,6 @@ def _column(x, CH: tl.constexpr):
 
 
 @triton.jit
-def _tiled(x):
-    """A per-lane value -> against tiles (every item of the lane)."""
-    if len(x.shape) == 1:
-        y = x[None, :]
-    else:
-        y = x[None, :, :]
-    return y
-
-
-@triton.jit
 def _per_channel(x):
     """The sum of a per-lane or per-state value over its last axis: a per-channel value."""
     return tl.sum(x, len(x.shape) - 1)
@@ -207,19 +197,20 @@ def _item_index(x):
 
 
 @triton.jit
-def _item(x, i: tl.constexpr):
-    """Item i of every lane, a tile -> a per-lane value. Adding -0.0 is exact, so the compiler
-    folds this to a register read."""
-    return tl.sum(tl.where(_item_index(x) == i, x, -0.0), 0)
+def _item(x, i: tl.constexpr, idx):
+    """Item i of every lane, a tile -> a per-lane value (idx: _item_index(x), computed once by the
+    caller: under the interpreter every call of a helper costs about 0.1 ms). Adding -0.0 is
+    exact, so the compiler folds this to a register read."""
+    return tl.sum(tl.where(idx == i, x, -0.0), 0)
 
 
 @triton.jit
 def _shift_to_earlier(x, last):
     """out[i] = x[i + 1] within each lane; out[ITEMS - 1] = last. Register renames only."""
     idx = _item_index(x)
-    out = tl.where(idx == x.shape[0] - 1, _tiled(last), x)
+    out = tl.where(idx == x.shape[0] - 1, tl.expand_dims(last, 0), x)
     for i in tl.static_range(x.shape[0] - 1):
-        out = tl.where(idx == i, _tiled(_item(x, i + 1)), out)
+        out = tl.where(idx == i, tl.expand_dims(_item(x, i + 1, idx), 0), out)
     return out
 
 
@@ -227,9 +218,9 @@ def _shift_to_earlier(x, last):
 def _shift_to_later(x, first):
     """out[i] = x[i - 1] within each lane; out[0] = first. Register renames only."""
     idx = _item_index(x)
-    out = tl.where(idx == 0, _tiled(first), x)
+    out = tl.where(idx == 0, tl.expand_dims(first, 0), x)
     for i in tl.static_range(1, x.shape[0]):
-        out = tl.where(idx == i, _tiled(_item(x, i - 1)), out)
+        out = tl.where(idx == i, tl.expand_dims(_item(x, i - 1, idx), 0), out)
     return out
 
 
@@ -272,15 +263,16 @@ def _lane_states(decay, x, carry, LANES: tl.constexpr, REVERSE: tl.constexpr):
     item. Returns (entering, the scan's totals; lane LANES - 1 holds the state leaving the
     chunk)."""
     lane = _lanes(x)
+    axis: tl.constexpr = len(x.shape) - 1  # the lanes (gathers inline: see _item)
     edge = LANES - 1 if REVERSE else 0
     x = tl.where(lane == edge, x + decay * carry, x)
     if REVERSE:  # scan the lanes in reverse order by index, not with reverse=True
-        decay = _from_lane(decay, LANES - 1 - lane)
-        x = _from_lane(x, LANES - 1 - lane)
-    _, total = tl.associative_scan((decay, x), len(x.shape) - 1, _affine_combine_saturating)
-    entering = _from_lane(total, tl.maximum(lane - 1, 0))
+        decay = tl.gather(decay, LANES - 1 - lane, axis)
+        x = tl.gather(x, LANES - 1 - lane, axis)
+    _, total = tl.associative_scan((decay, x), axis, _affine_combine_saturating)
+    entering = tl.gather(total, tl.maximum(lane - 1, 0), axis)
     if REVERSE:
-        entering = _from_lane(entering, LANES - 1 - lane)
+        entering = tl.gather(entering, LANES - 1 - lane, axis)
     return tl.where(lane == edge, carry, entering), total
 
 
@@ -295,7 +287,7 @@ def _with_element(v, n, value_at, index):
 @triton.jit
 def _scan_items(a, x, entering):
     """h_i = a_i h_{i-1} + x_i along each lane's items, from the state entering the lane."""
-    x = tl.where(_item_index(a) == 0, x + a * _tiled(entering), x)
+    x = tl.where(_item_index(a) == 0, x + a * tl.expand_dims(entering, 0), x)
     _, h = tl.associative_scan((a, x), 0, _affine_combine)
     return h
 
@@ -303,7 +295,7 @@ def _scan_items(a, x, entering):
 @triton.jit
 def _scan_items_reverse(a, x, entering):
     """g_i = a_i g_{i+1} + x_i along each lane's items, from the value entering at its end."""
-    x = tl.where(_item_index(a) == a.shape[0] - 1, x + a * _tiled(entering), x)
+    x = tl.where(_item_index(a) == a.shape[0] - 1, x + a * tl.expand_dims(entering, 0), x)
     _, g = tl.associative_scan((tl.flip(a, 0), tl.flip(x, 0)), 0, _affine_combine)
     return tl.flip(g, 0)
 
@@ -312,13 +304,13 @@ def _scan_items_reverse(a, x, entering):
 def _lane_aggregate(a, x):
     """Each lane's scan of its items from 0: the x part of its aggregate, per lane."""
     _, h = tl.associative_scan((a, x), 0, _affine_combine)
-    return _item(h, a.shape[0] - 1)
+    return _item(h, a.shape[0] - 1, _item_index(h))
 
 
 @triton.jit
 def _lane_aggregate_reverse(a, x):
     _, g = tl.associative_scan((tl.flip(a, 0), tl.flip(x, 0)), 0, _affine_combine)
-    return _item(g, a.shape[0] - 1)
+    return _item(g, a.shape[0] - 1, _item_index(g))
 
 
 @triton.jit
@@ -540,12 +532,12 @@ def selective_scan_fwd_kernel(
             C = _state_tile(C_row, 0, stride_C_n, d_state, t, mask, LANES, ITEMS, VEC)
         for n in range(0, d_state):
             A2 = _log2_decay_rate(_pick(A, n, LANES))
-            a = tl.exp2(dt * _tiled(A2))
+            a = tl.exp2(dt * tl.expand_dims(A2, 0))
             if B_VARIABLE:
                 x = dtu * B
                 B = _state_tile(B_row, n + 1, stride_B_n, d_state, t, mask, LANES, ITEMS, VEC)
             else:
-                x = dtu * _tiled(_pick(B_fixed, n, LANES))
+                x = dtu * tl.expand_dims(_pick(B_fixed, n, LANES), 0)
             entering, total = _lane_states(_lane_exp2(dt_lane * A2), _lane_aggregate(a, x),
                                            _pick(carry, n, LANES), LANES, False)
             tl.store(saved + save * d_state + n, entering, mask=save_mask)
@@ -554,7 +546,7 @@ def selective_scan_fwd_kernel(
                 y += C * h
                 C = _state_tile(C_row, n + 1, stride_C_n, d_state, t, mask, LANES, ITEMS, VEC)
             else:
-                y += _tiled(_pick(C_fixed, n, LANES)) * h
+                y += tl.expand_dims(_pick(C_fixed, n, LANES), 0) * h
             carry = _with_element(carry, n, total, LANES - 1)
         y = y * c_scale
         if HAS_D:
@@ -751,7 +743,7 @@ def selective_scan_bwd_kernel(
         dtu = dt * u * b_scale
         dt_lane = tl.sum(dt, 0)
         # sum of each lane's decays toward the next step, a_{t+1}: 1 after the chunk's last step
-        dt_first = _item(dt, 0)
+        dt_first = _item(dt, 0, _item_index(dt))
         dt_after = tl.where(lane == LANES - 1, 0.0, _from_lane(dt_first, tl.minimum(_lanes(dt_first) + 1, LANES - 1)))
         dt_next_lane = dt_lane - dt_first + dt_after
         dy = _load_tile_f32(dout_rows, t, mask, LANES, ITEMS, VEC)
@@ -773,18 +765,18 @@ def selective_scan_bwd_kernel(
         dC_scale = _scale_tile(dC_scale_ptr, dBC_row, 0, d_state, seqlen, t, mask) if FIXED_C else None
         for n in range(0, d_state):
             if not B_VARIABLE:
-                B = _tiled(_pick(B_fixed, n, LANES))
+                B = tl.expand_dims(_pick(B_fixed, n, LANES), 0)
             A_n = _pick(A, n, LANES)
             A2 = _log2_decay_rate(A_n)
             # the chunk's states again, from the saved one
-            a = tl.exp2(dt * _tiled(A2))
+            a = tl.exp2(dt * tl.expand_dims(A2, 0))
             x = dtu * B
             entering, _ = _lane_states(_lane_exp2(dt_lane * A2), _lane_aggregate(a, x), _pick(h_start, n, LANES),
                                        LANES, False)
             h = _scan_items(a, x, entering)
             decayed = a * _shift_to_later(h, entering)  # a_t h_{t-1}
             # adjoint g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}
-            a_first = _item(a, 0)
+            a_first = _item(a, 0, _item_index(a))
             a_after = tl.where(lane == LANES - 1, 1.0, _from_lane(a_first, tl.minimum(_lanes(a_first) + 1, LANES - 1)))
             a_next = _shift_to_earlier(a, a_after)
             if C_VARIABLE:  # C is loaded for the next state right after its last use
@@ -793,7 +785,7 @@ def selective_scan_bwd_kernel(
                     y += C * h
                 C = _state_tile(C_row, n + 1, stride_C_n, d_state, t, mask, LANES, ITEMS, VEC)
             else:
-                C_n = _tiled(_pick(C_fixed, n, LANES))
+                C_n = tl.expand_dims(_pick(C_fixed, n, LANES), 0)
                 v = C_n * dyc
                 if HAS_Z:
                     y += C_n * h
@@ -822,7 +814,7 @@ def selective_scan_bwd_kernel(
             if B_VARIABLE:
                 B = _state_tile(B_row, n + 1, stride_B_n, d_state, t, mask, LANES, ITEMS, VEC)
             g_decayed = g * decayed
-            ddt_decay += g_decayed * _tiled(A_n)
+            ddt_decay += g_decayed * tl.expand_dims(A_n, 0)
             dA = _add_at(dA, n, _sum_all(g_decayed * dt))
 
         if WRITE_GRADS:
