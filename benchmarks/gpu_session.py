@@ -195,9 +195,13 @@ class Session:
                         exp2=floors.exp2_throughput(self.device, elements=1024, repeats=2, rounds=1))
         return dict(copy=floors.copy_bandwidth(self.device), exp2=floors.exp2_throughput(self.device))
 
-    def mamba_ssm(self):
+    def mamba_importable(self):
+        """Whether a subprocess (with the built extension's path, if any) imports mamba_ssm's scan."""
         probe = [sys.executable, "-c", "from mamba_ssm.ops.selective_scan_interface import selective_scan_fn"]
-        found = run_command(probe, timeout=60)
+        return run_command(probe, env=self._env(), timeout=60)
+
+    def mamba_ssm(self):
+        found = self.mamba_importable()
         if found["returncode"] == 0:
             return dict(source="installed")
         src = self.args.mamba_src
@@ -225,13 +229,12 @@ class Session:
         built = run_command([sys.executable, "-c", script], env=dict(MAX_JOBS=str(os.cpu_count() or 4)),
                             timeout=min(self.args.mamba_build_timeout, self.left(MIN_SECONDS["benchmarks"])))
         self.extra_path = [build, os.path.abspath(src)]
-        check = run_command(probe, env=self._env(), timeout=60)
+        check = self.mamba_importable()
         return dict(plan, build=built, returncode=check["returncode"], import_output=check["output_tail"][-1500:])
 
     def benchmarks(self):
         runs = []
-        if self.results["steps"].get("mamba_ssm", {}).get("returncode", 1) == 0 or \
-                self.results["steps"].get("mamba_ssm", {}).get("source") == "installed":
+        if self.mamba_importable()["returncode"] == 0:  # installed, or built by the mamba_ssm step
             runs.append(self.bench("mamba_ssm", ["benchmarks/test_scan_throughput.py"],
                                    ["--bench-backends", "mamba_ssm triton", "--bench-multipliers", "none"]))
         if self.left() >= MIN_SECONDS["benchmarks"] / 2:

@@ -126,6 +126,8 @@ def test_triton_channels_per_program(dim, groups, bc, d_state, channels):
     per_group = dim // groups if bc == "grouped" else dim
     geo = Geometry(64, d_state, [torch.float32], torch.device(DEVICE), 0, per_group)
     assert (geo.channels_fwd, geo.channels_bwd) == (channels, channels)
+    deterministic = Geometry(64, d_state, [torch.float32], torch.device(DEVICE), 0, per_group, deterministic=True)
+    assert (deterministic.channels_fwd, deterministic.channels_bwd) == (channels, 1)  # two spill in its passes
     check_against_reference("triton", make_inputs(dim=dim, groups=groups, seqlen=64, d_state=d_state, B=bc, C=bc),
                             torch.float32, **FULL)
 

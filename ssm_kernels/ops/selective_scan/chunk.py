@@ -26,8 +26,8 @@ largest float instead of reaching inf, so that inf * 0 never turns a zero state 
 
 Tiles. A [ITEMS, LANES] tile ([ITEMS, CH, LANES] for two channels; items first, so the items
 of a lane are the register axis) is loaded as a tile of VEC-wide vectors ([ITEMS // VEC, LANES,
-VEC], or [LANES, ITEMS // VEC, VEC] on Triton 3.6, see LANES_FIRST) and permuted and reshaped in registers; the compiler keeps one
-layout and moves no data.
+VEC], or [LANES, ITEMS // VEC, VEC] on Triton 3.6, see LANES_FIRST) and permuted and reshaped in
+registers; the compiler keeps one layout and moves no data.
 """
 
 import torch
@@ -401,8 +401,8 @@ def _channel_params(A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, d, d_state, offs
 
 @triton.jit
 def _state_tile(row, n, stride_n, d_state, t, mask, LANES: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr):
-    """Variable B or C of state n (clamped to the last one) as a [ITEMS, 1, LANES] tile, shared by
-    the program's channels."""
+    """Variable B or C of state n (clamped to the last one) as a tile shared by the program's
+    channels (a channel axis of size 1 when CH > 1)."""
     return _load_tile(row + tl.minimum(n, d_state - 1) * stride_n, t, mask, LANES, ITEMS, VEC)
 
 
@@ -501,7 +501,6 @@ def selective_scan_fwd_kernel(
     A, B_fixed, C_fixed, D, bias = _channel_params(A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, d, d_state, offs_n,
                                                    mask_n, HAS_D, HAS_DELTA_BIAS, B_VARIABLE, C_VARIABLE, CH)
     n_saved = tl.cdiv(length, SAVE_LANES * ITEMS)
-    # chunk_states of the row's channels: a scalar pointer plus int32 offsets [CH, 1]
     saved = chunk_states_ptr + _column((channel * saved_per_row + save_base) * d_state, CH)
 
     # The state of every n, carried from chunk to chunk in registers.
@@ -576,6 +575,7 @@ def _sum_all(x):
 
 @triton.jit
 def _per_lane_zeros(LANES: tl.constexpr, CH: tl.constexpr):
+    """A per-lane accumulator: [LANES], or [CH, LANES]."""
     if CH == 1:
         z = tl.zeros([LANES], tl.float32)
     else:
@@ -585,7 +585,7 @@ def _per_lane_zeros(LANES: tl.constexpr, CH: tl.constexpr):
 
 @triton.jit
 def _add_at(v, n, value):
-    """v + value at column n (v a small [CH, BLOCK_N] register tensor, value [CH])."""
+    """v + value at state n (v per-state, value per-channel)."""
     axis: tl.constexpr = len(v.shape) - 1
     if axis == 1:
         value = value[:, None]
@@ -593,7 +593,7 @@ def _add_at(v, n, value):
 
 
 # How the backward sums variable dB and dC over the channels of a group: a program first adds
-# the terms of its CH channels in registers and shared memory, then adds that partial to the
+# the terms of its CH channels in registers, then adds that partial to the
 # (batch, G, N, L) elements that every program of the group adds to:
 REDUCE_ATOMIC = tl.constexpr(0)  # fp32 atomics: one pass; the rounding depends on their order
 REDUCE_BOUND = tl.constexpr(1)  # deterministic pass 1: the largest |partial| of every element
@@ -866,7 +866,7 @@ class Geometry:
     steps cross several chunks and the forward's chunks differ from the backward's."""
 
     def __init__(self, seqlen: int, d_state: int, io_dtypes, device: torch.device, num_seqs: int = 0,
-                 dim_per_group: int = 1):
+                 dim_per_group: int = 1, deterministic: bool = False):
         on_gpu = device.type != "cpu"  # the interpreter runs CPU tensors; "meta" compiles for the GPU
         self.lanes = 32 if on_gpu else 4
         items = triton.next_power_of_2(triton.cdiv(seqlen, self.lanes))
@@ -891,17 +891,18 @@ class Geometry:
         # Channels per program, side by side in each lane's registers: they share every load of
         # variable B and C and sum their dB and dC terms before the atomics, so both cost half per
         # channel. Two channels (of one group) where the registers allow it without spills: whole
-        # chunks (no masks) and N <= 16, the common Mamba case; one elsewhere. docs/kernel_design.md
-        # has the designs tried and their figures.
+        # chunks (no masks) and N <= 16, the common Mamba case, and not in the deterministic
+        # backward's passes; one elsewhere. docs/kernel_design.md has the designs tried and their
+        # figures.
         two = dim_per_group % 2 == 0 and self.block_n <= 16
         self.channels_fwd = 2 if two and self.even_fwd else 1
-        self.channels_bwd = 2 if two and self.even_bwd else 1
+        self.channels_bwd = 2 if two and self.even_bwd and not deterministic else 1
 
     @classmethod
-    def of(cls, u, B, C, z=None, cu_seqlens=None, groups=1):
+    def of(cls, u, B, C, z=None, cu_seqlens=None, groups=1, deterministic=False):
         io_dtypes = [u.dtype] + [t.dtype for t in (B, C, z) if t is not None and t.dim() >= 3]
         return cls(u.shape[2], B.shape[-2] if B.dim() == 4 else B.shape[1], io_dtypes, u.device,
-                   0 if cu_seqlens is None else cu_seqlens.numel() - 1, u.shape[1] // groups)
+                   0 if cu_seqlens is None else cu_seqlens.numel() - 1, u.shape[1] // groups, deterministic)
 
 
 def _time_contiguous(t):
@@ -973,7 +974,7 @@ def selective_scan_bwd_triton(dout, dlast_state, u, delta, A, B, C, D, z, delta_
     dout, u, delta, z = (_time_contiguous(t) for t in (dout, u, delta, z))
     B_dtype, C_dtype = B.dtype, C.dtype
     B, C = _state_matrix(B), _state_matrix(C)
-    geo = Geometry.of(u, B, C, z, cu_seqlens, groups)
+    geo = Geometry.of(u, B, C, z, cu_seqlens, groups, deterministic)
     rows = state_rows(batch, cu_seqlens)  # the partials and states: per row, or per packed sequence
     f32 = dict(dtype=torch.float32, device=u.device)
     du = new_buffer(batch, dim, seqlen, dtype=u.dtype, device=u.device)
@@ -985,11 +986,10 @@ def selective_scan_bwd_triton(dout, dlast_state, u, delta, A, B, C, D, z, delta_
     ddelta_bias = None if delta_bias is None else new_buffer(rows, dim, **f32)
 
     dpg = dim // groups
-    channels = 1 if deterministic else geo.channels_bwd  # two spill in the deterministic passes
     headroom = (dpg - 1).bit_length() + 1  # 2^(headroom - 1) >= the channels summed per element
 
     def launch(reduce, dB_target, dC_target, dB_scale=None, dC_scale=None):
-        selective_scan_bwd_kernel[(dim // channels, rows)](
+        selective_scan_bwd_kernel[(dim // geo.channels_bwd, rows)](
             dout_ptr=dout, dlast_state_ptr=_contiguous(dlast_state), u_ptr=u, delta_ptr=delta, A_ptr=A.contiguous(),
             B_ptr=B, C_ptr=C, D_ptr=_contiguous(D), z_ptr=z, delta_bias_ptr=_contiguous(delta_bias),
             chunk_states_ptr=chunk_states, cu_seqlens_ptr=_contiguous(cu_seqlens),
@@ -1003,8 +1003,8 @@ def selective_scan_bwd_triton(dout, dlast_state, u, delta, A, B, C, D, z, delta_
             **dict(zip(("stride_B_b", "stride_B_g", "stride_B_n"), _state_matrix_strides(B))),
             **dict(zip(("stride_C_b", "stride_C_g", "stride_C_n"), _state_matrix_strides(C))),
             dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale,
-            DELTA_SOFTPLUS=delta_softplus, BLOCK_N=geo.block_n, CH=channels, LANES=geo.lanes, ITEMS=geo.items_bwd,
-            VEC=geo.vec,
+            DELTA_SOFTPLUS=delta_softplus, BLOCK_N=geo.block_n, CH=geo.channels_bwd, LANES=geo.lanes,
+            ITEMS=geo.items_bwd, VEC=geo.vec,
             EVEN=geo.even_bwd, FAST_MATH=geo.fast_math, REDUCE=reduce, num_warps=geo.num_warps,
         )
 
