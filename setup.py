@@ -32,7 +32,7 @@ def extension_modules():
     # -fopenmp: at::parallel_for runs its loop through OpenMP pragmas in torch's headers, serially without it.
     cxx = ["-O3", "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp"]
     # The CUDA kernels of csrc/cuda/ are not part of the build yet (compile-only for the static
-    # model: tests/compile_for_gpu.py --cuda); see csrc/README.md.
+    # model: benchmarks/tools/compile_for_gpu.py --cuda); see csrc/README.md.
     ext = cpp_extension.CppExtension("ssm_kernels._C", sources, include_dirs=[os.path.join(here, "csrc")],
                                      extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": cpp_extension.BuildExtension}

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from ssm_kernels.bench import MODES, MULTIPLIER_MODES, available_backends
+from ssm_kernels.bench import MODES, MULTIPLIER_MODES, bench_backends
 
 CUDA_DEFAULTS = dict(widths="768 1536 3072 6144 12288", seqlen="2048", batch="4", d_state="16", dtype="bf16",
                      rounds="20", warmup="3")
@@ -58,7 +58,7 @@ def bench_device(config):
 def pytest_generate_tests(metafunc):
     config = metafunc.config
     device = bench_device(config)
-    ours = [b for b in bench_option(config, "backends") or available_backends(device) if b != "mamba_ssm"]
+    ours = [b for b in bench_option(config, "backends") or bench_backends(device) if b != "mamba_ssm"]
     if "layout" in metafunc.fixturenames:  # packing: our backends (mamba_ssm has no cu_seqlens) x layouts
         metafunc.parametrize("backend,layout", [(b, lay) for b in ours for lay in ("packed", "padded")],
                              ids=[f"{lay}-{b}" for b in ours for lay in ("packed", "padded")])
@@ -70,7 +70,7 @@ def pytest_generate_tests(metafunc):
         return
     if "mode" not in metafunc.fixturenames:
         return
-    backends = bench_option(config, "backends") or available_backends(device)
+    backends = bench_option(config, "backends") or bench_backends(device)
     modes = bench_option(config, "modes") or list(MODES)
     multipliers = bench_option(config, "multipliers") or list(MULTIPLIER_MODES)
     cases, ids = [], []

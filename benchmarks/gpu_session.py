@@ -21,7 +21,7 @@ its numbers; the report uses whatever is there.
   benchmarks   mamba_ssm's scan at the same widths, and our kernels unfused beside it
                (OUT/bench_mamba_ssm.json), then packing and decoding (OUT/bench_packing_and_decode.json)
   report       every measured time beside the static model's prediction (benchmarks/static_model.json,
-               written by benchmarks/static_table.py --configs widths): OUT/gpu_session.md (a table
+               written by benchmarks/tools/static_table.py --configs widths): OUT/gpu_session.md (a table
                for docs) and OUT/gpu_session.png
 
 --dry-run runs every step on the CPU at tiny sizes, with the Triton kernels under the interpreter

@@ -11,7 +11,7 @@ import torch
 from ssm_kernels.bench import device_name
 from ssm_kernels.bench.packing import decode_step, log_uniform_lengths, packing_step
 from ssm_kernels.bench.workload import synchronized
-from ssm_kernels.check import DTYPES
+from ssm_kernels.testing import DTYPES
 
 
 def _time(benchmark, bench_settings, step):

@@ -51,6 +51,11 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     _interpret_helpers_without_repatching()
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: spawns processes, or runs the Triton kernels through the interpreter at "
+                            "length; `pytest -m 'not slow' tests` is the quick loop (README, Two commands)")
+
+
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch):
     """Every op's fresh output buffers start as NaN, and no backend/determinism override leaks in."""

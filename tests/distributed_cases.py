@@ -18,6 +18,7 @@ from scan_cases import as_leaves, assert_matches, make_inputs
 from ssm_kernels import selective_scan_fn
 from ssm_kernels.distributed import selective_scan_cp, shard_for_next_token
 from ssm_kernels.modules import MambaLM
+from ssm_kernels.testing import MULTIPLIERS
 from ssm_kernels.mup import Parameterization, keep_lr_scale
 
 SHARDED = ("u", "delta", "z")  # and variable / grouped B, C: cut along time (their last dim)
@@ -76,7 +77,7 @@ def _sum_over_ranks(t):
 def scan_cases(world):
     """(name, make_inputs kwargs, multipliers); lengths that split unevenly, and one so short that
     the last rank's shard is empty."""
-    scales = dict(dt_scale=0.5, b_scale=2.0, c_scale=0.25)
+    scales = MULTIPLIERS
     return [
         ("fixed B/C, no initial state", dict(seqlen=23, B="fixed", C="fixed", initial_state=False), {}),
         ("variable B/C, initial state, multipliers", dict(seqlen=23, B="variable", C="variable"), scales),

@@ -3,8 +3,11 @@
 import pytest
 import torch
 
-from ssm_kernels.check import TOLERANCE, relative_error
+from ssm_kernels.ops.selective_scan.backends import BACKENDS, CHUNKED_BACKENDS
 from ssm_kernels.ops.selective_scan.compiled import extension_unavailable_reason
+from ssm_kernels.testing import TOLERANCE, relative_error
+from ssm_kernels.testing import as_leaves as _as_leaves
+from ssm_kernels.testing import scan_inputs as make_inputs  # noqa: F401 (the tests import it from here)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # The compiled CPU kernels (csrc/), when the extension is built; tests/test_compiled.py fails
@@ -19,56 +22,36 @@ def cpp_case(*values):
     return pytest.param("cpp", *values, marks=NEEDS_EXTENSION)
 
 
-SCAN_BACKENDS = ["torch", "triton", CPP]  # every chunked backend the tests run on this machine
+# The Triton kernels run through the interpreter on a machine without a GPU: marked slow (the quick
+# loop, `pytest -m "not slow"`, leaves their cases out).
+SLOW = pytest.mark.slow
+
+
+def triton_case(*values):
+    """A parametrize case ("triton", *values), marked slow."""
+    return pytest.param("triton", *values, marks=SLOW)
+
+
+def _backend_case(name):
+    """A backend of the registry as a parametrize case, skipped (with the reason) where it cannot run;
+    the Triton one marked slow."""
+    reason = BACKENDS[name].unavailable_reason(DEVICE)
+    marks = [SLOW] if name == "triton" else []
+    if reason is not None:
+        marks.append(pytest.mark.skip(reason=f"{name}: {reason}"))
+    return pytest.param(name, marks=marks)
+
+
+SCAN_BACKENDS = [_backend_case(name) for name in CHUNKED_BACKENDS]  # every chunked backend of the registry
+ALL_BACKENDS = [_backend_case(name) for name in BACKENDS]  # and the reference
 ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
 # TOLERANCE: max |actual - reference| / max |reference| per dtype of the backend's inputs; the
 # reference is the float64 sequential scan on the same (rounded) inputs.
 
 
-def make_inputs(batch=2, dim=4, seqlen=37, d_state=4, *, B="grouped", C="grouped", groups=2, D=True, z=True,
-                bias=True, initial_state=True, seed=0, big_delta=False):
-    """float64 master copies on the CPU. B/C kind: "fixed" (dim, N), "variable" (batch, N, L)
-    or "grouped" (batch, groups, N, L). Values are random and never all zero."""
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-    def rand(*shape):
-        return torch.rand(*shape, generator=g, dtype=torch.float64)
-
-    def state_matrix(kind):
-        if kind == "fixed":
-            return randn(dim, d_state)
-        if kind == "variable":
-            return randn(batch, d_state, seqlen)
-        return randn(batch, groups, d_state, seqlen)
-
-    delta = 0.5 * rand(batch, dim, seqlen) + 0.05
-    if big_delta:  # some pre-activations beyond softplus' threshold of 20
-        delta[..., ::3] += 25.0
-    return dict(
-        u=randn(batch, dim, seqlen), delta=delta,
-        A=-(0.1 + 1.5 * rand(dim, d_state)),
-        B=state_matrix(B), C=state_matrix(C),
-        D=randn(dim) if D else None, z=randn(batch, dim, seqlen) if z else None,
-        delta_bias=0.5 * randn(dim) if bias else None,
-        initial_state=randn(batch, dim, d_state) if initial_state else None,
-    )
-
-
 def as_leaves(master, dtype, device=DEVICE):
-    """Leaf tensors as a user would pass them: activations and variable B/C in `dtype`, the
-    parameters A, D, delta_bias, fixed B/C and initial_state in float32 (float64 stays float64)."""
-    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    leaves = {}
-    for name, t in master.items():
-        if t is None:
-            continue
-        is_param = name in ("A", "D", "delta_bias", "initial_state") or (name in ("B", "C") and t.dim() == 2)
-        leaves[name] = t.to(device=device, dtype=param_dtype if is_param else dtype).requires_grad_()
-    return leaves
+    return _as_leaves(master, dtype, device)
 
 
 def run_scan(fn, leaves, *, delta_dmajor=False, cotangent_seed=1, cotangent_dtype=None, **kwargs):

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from scan_cases import SCAN_BACKENDS, DEVICE, as_leaves, make_inputs
+from scan_cases import ALL_BACKENDS, DEVICE, as_leaves, make_inputs
 from ssm_kernels import selective_scan_fn, selective_scan_ref
 
-BACKENDS = SCAN_BACKENDS + ["ref"]
+BACKENDS = ALL_BACKENDS
 
 
 def good_args():

@@ -139,7 +139,7 @@ def test_multipliers_take_numpy_numbers_and_refuse_overflow():
 
 
 def test_lr_sweep_seqlen_longer_than_the_held_out_text_is_refused(capsys):
-    from ssm_kernels.lr_sweep import _texts
+    from ssm_kernels.cli.lr_sweep import _texts
     held_out = len(_texts()[1])
     for batch in ("1", "2"):  # batch 1 used to evaluate silently on a shorter text, batch 2 to fail after training
         with pytest.raises(SystemExit) as exit_info:
@@ -149,7 +149,7 @@ def test_lr_sweep_seqlen_longer_than_the_held_out_text_is_refused(capsys):
 
 @pytest.mark.parametrize("content", ["[]", "null", '{"optimizer": "adam"}', "{", "RUNS WITHOUT EVAL_LOSS"])
 def test_lr_sweep_refuses_a_json_it_cannot_resume_from_before_any_run(content, tmp_path, capsys, monkeypatch):
-    from ssm_kernels import lr_sweep
+    from ssm_kernels.cli import lr_sweep
     argv = ["lr-sweep", "--widths", "8", "--lrs", "0.01", "0.02", "--seeds", "0", "--steps", "1", "--batch", "1",
             "--seqlen", "8", "--n-layer", "1", "--d-state", "2", "--eval-batches", "1", "--presets", "sp"]
     path = tmp_path / "sweep.json"
@@ -158,7 +158,7 @@ def test_lr_sweep_refuses_a_json_it_cannot_resume_from_before_any_run(content, t
         content = json.dumps(dict(optimizer="adam", settings=settings,
                                   runs=[dict(preset="sp", d_model=8, lr=0.01, seed=0)]))
     path.write_text(content)
-    monkeypatch.setattr(lr_sweep, "run", lambda *a, **k: pytest.fail("a run started"))
+    monkeypatch.setattr(lr_sweep, "train_one", lambda *a, **k: pytest.fail("a run started"))
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv + ["--json", str(path)])
     err = capsys.readouterr().err

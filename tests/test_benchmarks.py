@@ -14,6 +14,7 @@ from ssm_kernels.bench import __main__ as bench_cli
 from ssm_kernels.bench.plot import load_results
 
 ROOT = Path(__file__).resolve().parents[1]
+SPAWNS = pytest.mark.slow  # runs pytest on benchmarks/ in a process (directly or through results_file)
 EXTRA_INFO = {"d_inner", "seqlen", "batch", "d_state", "dtype", "backend", "mode", "multipliers", "device", "gbps",
               "peak_mem_bytes"}
 TINY = ["--bench-seqlen", "33", "--bench-batch", "2", "--bench-d-state", "4", "--bench-rounds", "2",
@@ -38,6 +39,7 @@ def results_file(tmp_path_factory):
     return path
 
 
+@SPAWNS
 def test_benchmarks_cover_the_grid_with_extra_info(results_file):
     benches = json.loads(results_file.read_text())["benchmarks"]
     seen = {(b["extra_info"]["mode"], b["extra_info"]["multipliers"], b["extra_info"]["d_inner"]) for b in benches}
@@ -54,6 +56,7 @@ def test_benchmarks_cover_the_grid_with_extra_info(results_file):
         assert b["stats"]["rounds"] == 2
 
 
+@SPAWNS
 def test_benchmarks_run_the_triton_kernels_under_the_interpreter(tmp_path):
     path = tmp_path / "triton.json"
     run_benchmarks("benchmarks/test_scan_throughput.py", "--bench-seqlen", "5", "--bench-d-state", "4", "--bench-widths", "8", "--bench-rounds", "1",
@@ -63,6 +66,7 @@ def test_benchmarks_run_the_triton_kernels_under_the_interpreter(tmp_path):
     assert bench["extra_info"]["backend"] == "triton" and bench["extra_info"]["gbps"] > 0
 
 
+@SPAWNS
 def test_benchmarks_run_with_benchmark_disable():
     result = run_benchmarks(*TINY, "--bench-widths", "8", "--benchmark-disable", "--bench-modes", "bwd",
                             "--bench-backends", "torch")
@@ -119,6 +123,7 @@ def test_roofline_table():
     assert peak_bandwidth_gbps("cpu") is None
 
 
+@SPAWNS
 def test_plot_writes_a_png(results_file, tmp_path, capsys):
     png = tmp_path / "plot.png"
     assert bench_cli.main(["plot", str(results_file), "-o", str(png), "--table"]) == 0
@@ -127,6 +132,7 @@ def test_plot_writes_a_png(results_file, tmp_path, capsys):
     assert len([line for line in table if line.split()[:1] in (["fwd"], ["bwd"], ["fwdbwd"])]) == 18
 
 
+@SPAWNS
 def test_plot_draws_the_roofline_of_a_known_device(results_file, tmp_path, monkeypatch):
     data = json.loads(results_file.read_text())
     for b in data["benchmarks"]:
@@ -152,6 +158,7 @@ def test_plot_refuses_a_file_without_timings(tmp_path, capsys):
     assert "no timed" in capsys.readouterr().err
 
 
+@SPAWNS
 def test_packing_and_decode_benchmarks(tmp_path):
     path = tmp_path / "packing.json"
     run_benchmarks("benchmarks/test_packing_and_decode.py", *TINY, "--bench-widths", "8", "--bench-backends",

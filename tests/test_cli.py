@@ -3,13 +3,15 @@
 import subprocess
 import sys
 
+import pytest
 
 from ssm_kernels import __main__ as cli
-from ssm_kernels import check as check_module
+from ssm_kernels.cli import check as check_module
 
 TINY = ["--widths", "6", "--seqlen", "20", "--d-state", "4", "--repeats", "1"]
 
 
+@pytest.mark.slow  # the Triton kernels under the interpreter
 def test_check_prints_a_row_per_backend_and_width(capsys):
     assert cli.main(TINY + ["--widths", "4", "6"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
@@ -29,6 +31,7 @@ def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a process
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "ssm_kernels", *TINY, "--backends", "torch"],
                             capture_output=True, text=True, timeout=300)

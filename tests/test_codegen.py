@@ -21,8 +21,10 @@ def _nvidia_backend_available():
 
 
 @pytest.mark.skipif(not _nvidia_backend_available(), reason="this triton build has no NVIDIA backend")
+@pytest.mark.slow  # a process compiling every kernel
 def test_every_shipped_configuration_compiles_for_sm90_without_spills(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(HERE, "compile_for_gpu.py"), "--shipped", "--arch", "90",
+    tool = os.path.join(HERE, "..", "benchmarks", "tools", "compile_for_gpu.py")
+    result = subprocess.run([sys.executable, tool, "--shipped", "--arch", "90",
                              "--out", str(tmp_path)],
                             capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -6,11 +6,12 @@ import torch
 from scan_cases import as_leaves, assert_matches, make_inputs
 from ssm_kernels import selective_scan_fn
 from ssm_kernels.ops.selective_scan.checks import check_inputs
+from ssm_kernels.testing import MULTIPLIERS
 
 
 def loss_fn(u, delta, A, B, C, D, z, delta_bias, initial_state):
     out, last = selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True, return_last_state=True,
-                                  dt_scale=0.5, b_scale=2.0, c_scale=0.25, initial_state=initial_state,
+                                  **MULTIPLIERS, initial_state=initial_state,
                                   backend="torch")
     return out.sin().sum() + last.square().sum()
 

@@ -4,7 +4,7 @@ for plain and parameterized models; generate; sampling; bad input."""
 import pytest
 import torch
 
-from ssm_kernels.check import TOLERANCE, relative_error
+from ssm_kernels.testing import TOLERANCE, relative_error
 from ssm_kernels.modules import InferenceParams, Mamba, MambaLM
 from ssm_kernels.modules.inference import sample
 from ssm_kernels.mup import Parameterization

@@ -11,8 +11,10 @@ import distributed_cases as cases
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available in this torch build")
+SPAWNS = pytest.mark.slow  # one process per rank
 
 
+@SPAWNS
 @pytest.mark.parametrize("world", [2, 4])
 def test_context_parallel_scan_and_lm(world):
     """selective_scan_cp (fixed / variable / grouped B and C, initial state, multipliers, uneven and
@@ -28,6 +30,7 @@ def _scan_and_lm(rank, world):
     cases.check_lm(rank, world, seqlens=(9, 21))
 
 
+@SPAWNS
 def test_empty_shards_in_the_model_and_ranks_that_disagree():
     """3 ranks, sequences of 2 and 3 tokens: shards of 0 steps in MambaLM (which crashed in its
     reshape), against the whole-sequence model; then arguments that differ between ranks."""
@@ -39,6 +42,7 @@ def _empty_shards_and_disagreement(rank, world):
     cases.check_ranks_must_agree(rank, world)
 
 
+@SPAWNS
 def test_bytes_per_rank_do_not_grow_with_seqlen(tmp_path):
     report = tmp_path / "bytes.json"
     cases.spawn(cases.check_bytes_per_step, 2, (32, 128, 512), str(report))
@@ -47,6 +51,7 @@ def test_bytes_per_rank_do_not_grow_with_seqlen(tmp_path):
     assert len(per_length) == 3
 
 
+@SPAWNS
 def test_ddp_fsdp2_and_compile_match_one_process():
     cases.spawn(cases.check_data_parallel, 2)
 

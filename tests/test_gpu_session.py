@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import gpu_session  # noqa: E402
 
 
+@pytest.mark.slow  # processes
 def test_dry_run_runs_every_step_and_writes_the_results(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_session.py"), "--dry-run",
                              "--out", str(tmp_path), "--revision", "test"],
@@ -56,6 +57,7 @@ def test_report_puts_the_static_model_beside_each_time():
     assert rows[3]["model_lower_bound_ms"] is None  # a width the model was not run at
 
 
+@pytest.mark.slow  # a process
 def test_a_step_that_would_not_fit_the_budget_is_skipped_and_the_report_still_written(tmp_path):
     start = time.time()
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_session.py"), "--dry-run",
@@ -71,6 +73,7 @@ def test_a_step_that_would_not_fit_the_budget_is_skipped_and_the_report_still_wr
     assert time.time() - start < 25 + 30  # the interpreter's start-up aside, it kept to the budget
 
 
+@pytest.mark.slow  # a process
 def test_a_command_past_its_time_is_stopped_and_recorded():
     record = gpu_session.run_command([sys.executable, "-c", "import time; print('begun', flush=True); time.sleep(30)"],
                                      timeout=2)

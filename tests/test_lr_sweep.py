@@ -5,7 +5,7 @@ import json
 import pytest
 
 from ssm_kernels import __main__ as cli
-from ssm_kernels import lr_sweep
+from ssm_kernels.cli import lr_sweep
 
 TINY = ["--widths", "16", "32", "--lrs", "0.001", "0.004", "--seeds", "0", "1", "--steps", "2", "--batch", "2",
         "--seqlen", "16", "--eval-batches", "1", "--workers", "1"]
@@ -25,7 +25,7 @@ def test_sweep_reports_resumes_and_plots(tmp_path, monkeypatch, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert "best lr drifts" in capsys.readouterr().out
     # Resuming: nothing left to run, the same report.
-    monkeypatch.setattr(lr_sweep, "run", lambda *a, **k: pytest.fail("a finished run was run again"))
+    monkeypatch.setattr(lr_sweep, "train_one", lambda *a, **k: pytest.fail("a finished run was run again"))
     assert cli.main(["lr-sweep", *TINY, "--json", str(path)]) == 0
     assert json.loads(path.read_text())["report"] == result["report"]
     # --report-only on a sweep asked with one more seed: runs nothing, reports the complete seeds,
@@ -77,6 +77,7 @@ def test_drift_counts_steps_of_the_grid_given_even_when_uneven():
     assert lr_sweep.report(runs, ["sp"], [16, 64], lrs, [0])["sp"]["drift_steps"] == 1
 
 
+@pytest.mark.slow  # worker processes
 def test_workers_give_the_runs_one_process_gives(tmp_path):
     """Two spawned workers of one thread each: the same held-out losses, bitwise, as the runs in
     this process (on one thread), and a JSON that holds every run once."""

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssm_kernels.check import TOLERANCE, relative_error
 from ssm_kernels.modules import Mamba, MambaLM, causal_conv1d, causal_conv1d_update, mamba_inner_fn
+from ssm_kernels.testing import MULTIPLIERS, TOLERANCE, relative_error
 
 
 def reference_conv(x, weight, bias):
@@ -106,7 +106,7 @@ def test_mamba_matches_the_plain_pytorch_mamba_in_float64(seqlen, bias):
     assert_module_matches(m, lambda p, h: reference_mamba(m, p, h, 0.7, 1.5, 0.4), x, TOLERANCE[torch.float64])
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
 def test_mamba_in_float32_against_the_float64_reference(backend):
     torch.manual_seed(1)
     m = perturbed(Mamba(16, d_state=4, backend=backend))
@@ -117,12 +117,13 @@ def test_mamba_in_float32_against_the_float64_reference(backend):
 def test_mamba_inner_fn_is_the_mixer_and_takes_the_multipliers():
     torch.manual_seed(2)
     m = perturbed(Mamba(16, d_state=4, backend="torch").double())
-    m.scan.dt_scale, m.scan.b_scale, m.scan.c_scale = 0.5, 2.0, 0.25
+    for name, value in MULTIPLIERS.items():
+        setattr(m.scan, name, value)
     h = torch.randn(2, 37, 16, dtype=torch.float64)
     xz = (h @ m.in_proj.weight.t()).transpose(1, 2)
     out = mamba_inner_fn(xz, m.conv1d.weight, m.conv1d.bias, m.x_proj.weight, m.dt_proj.weight, m.out_proj.weight,
                          m.out_proj.bias, -torch.exp(m.A_log), D=m.D, delta_bias=m.dt_proj.bias,
-                         dt_scale=0.5, b_scale=2.0, c_scale=0.25, backend="torch")
+                         **MULTIPLIERS, backend="torch")
     torch.testing.assert_close(out, m(h), rtol=1e-12, atol=1e-12)
     g = torch.autograd.grad(out.sum(), [m.x_proj.weight, m.A_log])
     g_ref = torch.autograd.grad(m(h).sum(), [m.x_proj.weight, m.A_log])

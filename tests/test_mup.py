@@ -291,4 +291,4 @@ def test_docs_presets_md_is_the_code():
 
     from ssm_kernels.mup.presets import presets_markdown
     doc = Path(__file__).resolve().parents[1] / "docs" / "presets.md"
-    assert doc.read_text() == presets_markdown(), "regenerate with python -m ssm_kernels coord-check --table"
+    assert doc.read_text() == presets_markdown(), "regenerate with python -m ssm_kernels docs"

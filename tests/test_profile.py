@@ -8,13 +8,13 @@ import torch
 
 from scan_cases import CPP
 from ssm_kernels import __main__ as cli
-from ssm_kernels import profile as profile_module
+from ssm_kernels.cli import profile as profile_module
 from ssm_kernels.ops.selective_scan.backends import default_backend
 
 TINY = ["--d-inner", "8", "--seqlen", "21", "--batch", "2", "--d-state", "4", "--warmup", "1", "--steps", "2"]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", CPP])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow), CPP])
 def test_profile_reports_kernels_bandwidth_memory_and_writes_a_trace(backend, tmp_path, capsys):
     trace = tmp_path / "trace.json"
     assert cli.main(["profile", *TINY, "--backward", "--backend", backend, "--trace", str(trace)]) == 0

@@ -4,7 +4,7 @@ sequential reference (Triton through the interpreter when there is no GPU)."""
 import pytest
 import torch
 
-from scan_cases import CPP_REASON, SCAN_BACKENDS, DEVICE, as_leaves, assert_matches, check_against_reference, make_inputs, run_scan
+from scan_cases import CPP_REASON, SCAN_BACKENDS, SLOW, DEVICE, as_leaves, assert_matches, check_against_reference, make_inputs, run_scan
 from ssm_kernels import selective_scan_fn
 
 BACKENDS = SCAN_BACKENDS
@@ -118,6 +118,7 @@ def test_default_backend(monkeypatch):
 CHANNEL_CASES = [(4, 2, "grouped", 4, 2), (6, 2, "grouped", 4, 1), (4, 1, "fixed", 16, 2), (4, 1, "variable", 17, 1)]
 
 
+@SLOW
 @pytest.mark.parametrize("dim,groups,bc,d_state,channels", CHANNEL_CASES)
 def test_triton_channels_per_program(dim, groups, bc, d_state, channels):
     """Both layouts of the Triton kernels (a lane holding the items of one channel or of two)
@@ -132,6 +133,7 @@ def test_triton_channels_per_program(dim, groups, bc, d_state, channels):
                             torch.float32, **FULL)
 
 
+@SLOW
 @pytest.mark.parametrize("bc", ["grouped", "fixed", "fixed-B-variable-C"])
 def test_triton_deterministic_mode(monkeypatch, bc):
     """Deterministic mode: bitwise-identical gradients run to run, each within the tolerance of
@@ -150,6 +152,7 @@ def test_triton_deterministic_mode(monkeypatch, bc):
         assert_matches(f"d{name}", default[2][name], first[2][name], torch.float32)
 
 
+@SLOW
 @pytest.mark.parametrize("groups", [1, 2])
 def test_triton_deterministic_dB_dC_do_not_depend_on_the_channel_order(monkeypatch, groups):
     """Variable dB and dC sum every channel of a group. Permuting the channels inside each group

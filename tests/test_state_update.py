@@ -5,8 +5,8 @@ import torch
 
 from scan_cases import DEVICE, NEEDS_EXTENSION, as_leaves, assert_matches, make_inputs
 from ssm_kernels import selective_scan_ref, selective_state_update
+from ssm_kernels.testing import MULTIPLIERS
 
-SCALES = dict(dt_scale=0.5, b_scale=2.0, c_scale=0.25)
 CASES = [("torch", torch.float64), ("torch", torch.float32), ("triton", torch.float32), ("triton", torch.bfloat16)]
 
 
@@ -17,7 +17,7 @@ def _step_by_step(leaves, backend, state):
         def at(name):
             return leaves[name][..., t] if name in leaves and leaves[name].dim() >= 3 else leaves.get(name)
         outs.append(selective_state_update(state, at("u"), at("delta"), leaves["A"], at("B"), at("C"), leaves["D"],
-                                           at("z"), leaves["delta_bias"], True, backend=backend, **SCALES))
+                                           at("z"), leaves["delta_bias"], True, backend=backend, **MULTIPLIERS))
     return torch.stack(outs, dim=-1), state
 
 
@@ -30,7 +30,7 @@ def test_decoding_equals_the_scan(backend, dtype, bc):
     ref_out, ref_last = selective_scan_ref(*(ref_leaves.get(n) for n in ("u", "delta", "A", "B", "C", "D", "z",
                                                                           "delta_bias")),
                                            delta_softplus=True, return_last_state=True,
-                                           initial_state=ref_leaves["initial_state"], **SCALES)
+                                           initial_state=ref_leaves["initial_state"], **MULTIPLIERS)
     state = leaves["initial_state"].clone().float() if dtype != torch.float64 else leaves["initial_state"].clone()
     out, state = _step_by_step(leaves, backend, state)
     assert out.dtype == dtype
@@ -47,10 +47,10 @@ def test_state_batch_indices_update_only_their_rows(backend):
     args = [leaves[n][..., 0] for n in ("u", "delta")] + [leaves["A"]] + [leaves[n][..., 0] for n in ("B", "C")]
     updated = cache.clone()
     out = selective_state_update(updated, *args, leaves["D"], leaves["z"][..., 0], leaves["delta_bias"], True,
-                                 state_batch_indices=rows, backend=backend, **SCALES)
+                                 state_batch_indices=rows, backend=backend, **MULTIPLIERS)
     gathered = cache[rows.long()].clone()
     expected = selective_state_update(gathered, *args, leaves["D"], leaves["z"][..., 0], leaves["delta_bias"], True,
-                                      backend="torch", **SCALES)
+                                      backend="torch", **MULTIPLIERS)
     assert_matches("out", out, expected, torch.float32)
     assert_matches("rows", updated[rows.long()], gathered, torch.float32)
     untouched = [i for i in range(7) if i not in rows.tolist()]

@@ -19,6 +19,7 @@ def test_one_process_trains(capsys):
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+@pytest.mark.slow  # torchrun: processes
 def test_torchrun_ddp_with_context_parallel():
     """2 processes: DDP over both and a 2-way context-parallel group of its own."""
     env = dict(os.environ, OMP_NUM_THREADS="1")

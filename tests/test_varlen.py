@@ -4,10 +4,10 @@ own (out, last states, every gradient, initial states included), on every backen
 import pytest
 import torch
 
-from scan_cases import as_leaves, assert_matches, cpp_case, make_inputs
+from scan_cases import SLOW, as_leaves, assert_matches, cpp_case, make_inputs, triton_case
 from ssm_kernels import selective_scan_fn, selective_scan_ref
+from ssm_kernels.testing import MULTIPLIERS
 
-SCALES = dict(dt_scale=0.5, b_scale=2.0, c_scale=0.25)
 ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 # empty sequences, a single step, and lengths that straddle the "torch" (64) and interpreted
 # Triton (16 / 32) chunk boundaries
@@ -47,20 +47,20 @@ def _separately(leaves, cu):
         cut = {n: (t[..., a:b] if n in ("u", "delta", "z") or (n in "BC" and t.dim() > 2) else t)
                for n, t in leaves.items() if n != "initial_state"}
         out, last = selective_scan_ref(*(cut.get(n) for n in ARGS), delta_softplus=True, return_last_state=True,
-                                       initial_state=start, **SCALES)
+                                       initial_state=start, **MULTIPLIERS)
         outs.append(out)
         lasts.append(last)
     return torch.cat(outs, dim=-1), torch.cat(lasts, dim=0)
 
 
-@pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), ("triton", torch.float32),
+@pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), triton_case(torch.float32),
                                             ("ref", torch.float64), cpp_case(torch.float64), cpp_case(torch.float32)])
 @pytest.mark.parametrize("bc, initial_state", [("grouped", True), ("fixed", False), ("variable", True)])
 def test_packed_equals_each_sequence_alone(backend, dtype, bc, initial_state):
     master, cu = _packed_inputs(bc, initial_state)
     leaves = as_leaves(master, dtype)
     out, last = selective_scan_fn(*(leaves.get(n) for n in ARGS), delta_softplus=True, return_last_state=True,
-                                  initial_state=leaves.get("initial_state"), backend=backend, cu_seqlens=cu, **SCALES)
+                                  initial_state=leaves.get("initial_state"), backend=backend, cu_seqlens=cu, **MULTIPLIERS)
     grads = torch.autograd.grad(_loss(out, last), list(leaves.values()))
     ref_leaves = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
     ref_out, ref_last = _separately(ref_leaves, cu)
@@ -73,6 +73,7 @@ def test_packed_equals_each_sequence_alone(backend, dtype, bc, initial_state):
         assert_matches(f"d{name}", g, r, dtype)
 
 
+@SLOW
 def test_packed_triton_deterministic(monkeypatch):
     monkeypatch.setenv("SSM_KERNELS_DETERMINISTIC", "1")
     master, cu = _packed_inputs("grouped", True, lengths=[3, 0, 9], seed=4)
@@ -110,7 +111,7 @@ def test_bad_cu_seqlens(change, error, match):
         _bad(**change)
 
 
-@pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), ("triton", torch.float32), cpp_case(torch.float64)])
+@pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), triton_case(torch.float32), cpp_case(torch.float64)])
 def test_packed_model_equals_each_sequence_alone(backend, dtype):
     """MambaLM (its Mamba layers' conv and scan) with cu_seqlens: logits and every parameter
     gradient equal the model run on each sequence by itself (on the "torch" backend); no conv tap
@@ -151,14 +152,14 @@ def test_packed_mamba_inner_fn_equals_each_sequence_alone():
     xz = torch.randn(1, 2 * m.d_inner, sum(lengths), dtype=torch.float64)
     args = (m.conv1d.weight, m.conv1d.bias, m.x_proj.weight, m.dt_proj.weight, m.out_proj.weight, m.out_proj.bias,
             -torch.exp(m.A_log))
-    kwargs = dict(D=m.D, delta_bias=m.dt_proj.bias, dt_scale=0.5, b_scale=2.0, c_scale=0.25, backend="torch")
+    kwargs = dict(D=m.D, delta_bias=m.dt_proj.bias, **MULTIPLIERS, backend="torch")
     packed = mamba_inner_fn(xz, *args, cu_seqlens=cu, **kwargs)
     alone = torch.cat([mamba_inner_fn(xz[..., a:b], *args, **kwargs)
                        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()) if b > a], dim=1)
     assert_matches("out", packed, alone, torch.float64)
 
 
-@pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), ("triton", torch.float32), cpp_case(torch.float64)])
+@pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), triton_case(torch.float32), cpp_case(torch.float64)])
 def test_packed_forward_writes_every_saved_state_slot(backend, dtype):
     """The slots between sequences used to stay as allocated (NaN here, garbage outside tests):
     two eager calls returned different chunk_states, and opcheck's dynamic-shape test failed.

@@ -1,5 +1,5 @@
 // CUDA selective scan, forward and backward: the design the static model favours (see
-// ../shared/tools/static_gpu/README.md and csrc/README.md). No torch header: this file compiles
+// csrc/README.md). No torch header: this file compiles
 // alone for the static model (scan_kernels_sm90.cu) and inside the extension (scan_cuda.cu).
 //
 // A thread owns NS consecutive states of one channel and runs the recurrence sequentially in

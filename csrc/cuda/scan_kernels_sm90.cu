@@ -1,4 +1,4 @@
-// One CUDA kernel instantiated alone, for the static model (tests/compile_for_gpu.py --cuda):
+// One CUDA kernel instantiated alone, for the static model (benchmarks/tools/compile_for_gpu.py --cuda):
 // nvcc -cubin -DSSMK_BACKWARD=0|1 [-DSSMK_SEGMENTED=1: the time-parallel forward] -DSSMK_T=__nv_bfloat16|__half|float -DSSMK_N=16
 #include "scan_kernels.cuh"
 

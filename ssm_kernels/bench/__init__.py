@@ -4,8 +4,8 @@
 selective-scan calls from `workload.py`; `python -m ssm_kernels.bench plot` draws a results file.
 """
 
-from .workload import (BACKENDS, MODES, MULTIPLIER_MODES, Workload, available_backends, bytes_moved,
+from .workload import (BENCH_BACKENDS, MODES, MULTIPLIER_MODES, Workload, bench_backends, bytes_moved,
                        device_name, peak_bandwidth_gbps, peak_memory_bytes, scan_step)
 
-__all__ = ["BACKENDS", "MODES", "MULTIPLIER_MODES", "Workload", "available_backends", "bytes_moved",
+__all__ = ["BENCH_BACKENDS", "MODES", "MULTIPLIER_MODES", "Workload", "bench_backends", "bytes_moved",
            "device_name", "peak_bandwidth_gbps", "peak_memory_bytes", "scan_step"]

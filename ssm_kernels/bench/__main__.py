@@ -15,7 +15,7 @@ def main(argv=None):
     plot.add_argument("--title")
     plot.add_argument("--table", action="store_true", help="also print GB/s and peak memory per benchmark")
     args = parser.parse_args(argv)
-    from ..cli_args import check_output_path
+    from ..cli.args import check_output_path
     check_output_path(plot, "--output", args.output)
     try:
         plot_results(args.results, args.output, args.title)

@@ -1,13 +1,13 @@
 """What the device can do at best, to put the scan's times in proportion: the bandwidth of a
 plain copy and the throughput of exp2 (the scan's one special function per element-state).
-The static model's floors (../shared/tools/static_gpu) assume 3.0 TB/s and 16 exp2 per clock per SM;
+The static GPU model's floors (docs/kernel_design.md) assume 3.0 TB/s and 16 exp2 per clock per SM;
 these measure them."""
 
 import torch
 import triton
 import triton.language as tl
 
-from ..check import median_ms
+from .workload import median_ms
 
 
 def copy_bandwidth(device, nbytes=1 << 30, rounds=10):

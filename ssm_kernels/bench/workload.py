@@ -11,18 +11,20 @@ width multipliers dt_scale, b_scale, c_scale are compared:
 
 import json
 import os
+import statistics
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import torch
 
-from ..check import DTYPES, MULTIPLIERS, make_inputs
-from ..check import available_backends as scan_backends
 from ..ops.selective_scan import selective_scan_fn
-from ..ops.selective_scan.backends import CHUNKED_BACKENDS
+from ..ops.selective_scan.backends import CHUNKED_BACKENDS, available_backends
+from ..testing import DTYPES, MULTIPLIERS, mamba_like_inputs
 
-BACKENDS = CHUNKED_BACKENDS + ("mamba_ssm",)  # ours (one source: the registry) and mamba_ssm's CUDA scan
+# what a benchmark can time: our chunked backends (one source: the registry) and mamba_ssm's CUDA scan
+BENCH_BACKENDS = CHUNKED_BACKENDS + ("mamba_ssm",)
 MODES = ("fwd", "bwd", "fwdbwd")
 MULTIPLIER_MODES = ("fused", "separate", "none")
 
@@ -51,12 +53,28 @@ def _mamba_ssm_scan():
     return scan
 
 
-def available_backends(device: torch.device):
-    """Our backends (torch; triton on CUDA or under TRITON_INTERPRET=1), plus mamba_ssm on CUDA when importable."""
-    backends = scan_backends(device)
+def bench_backends(device: torch.device):
+    """Our backends that run on `device` (the registry's available_backends), plus mamba_ssm on CUDA
+    when importable."""
+    backends = available_backends(device)
     if device.type == "cuda" and _mamba_ssm_scan() is not None:
         backends.append("mamba_ssm")
     return backends
+
+
+def median_ms(fn, device, repeats):
+    """Median wall time of fn() in ms after one warm-up call (synchronized on CUDA)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
 
 
 def device_name(device: torch.device) -> str:
@@ -85,7 +103,7 @@ class Workload:
         return DTYPES[self.dtype]
 
     def inputs(self, seed=0):
-        return make_inputs(self.batch, self.d_inner, self.seqlen, self.d_state, self.torch_dtype,
+        return mamba_like_inputs(self.batch, self.d_inner, self.seqlen, self.d_state, self.torch_dtype,
                            torch.device(self.device), seed=seed)
 
     def as_dict(self):
@@ -128,7 +146,7 @@ def _scan(backend: str, multipliers: str):
         def scan(*args, **kwargs):
             return selective_scan_fn(*args, backend=backend, **kwargs)
     else:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"backend: expected one of {BENCH_BACKENDS}, got {backend!r}")
 
     def run(u, delta, A, B, C, D, z, delta_bias):
         if multipliers == "fused":

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from ..ops.selective_scan import selective_scan_fn
 from ..ops.selective_scan.backends import BACKENDS, resolve_backend
-from ..ops.selective_scan.checks import check_multiplier
+from ..ops.selective_scan.checks import check_multipliers
+from ..ops.selective_scan.config import ScanConfig
 from ..ops.selective_scan.naive import discretize_dt
 
 
@@ -176,13 +177,12 @@ def selective_scan_cp(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     """
     group = _require_group(group)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    backend = resolve_backend(backend, u)
-    scales = dict(dt_scale=check_multiplier("dt_scale", dt_scale), b_scale=check_multiplier("b_scale", b_scale),
-                  c_scale=check_multiplier("c_scale", c_scale))
+    config = ScanConfig(delta_softplus=bool(delta_softplus), backend=resolve_backend(backend, u),
+                        **check_multipliers(dt_scale, b_scale, c_scale))
     if not isinstance(u, torch.Tensor) or u.dim() != 3:
         raise ValueError(f"u: expected (batch, dim, L) on each rank, got {getattr(u, 'shape', type(u).__name__)}")
     h0 = initial_state if rank == 0 else None
-    state_dtype = BACKENDS[backend].state_dtype(u, A, B, C, h0)
+    state_dtype = BACKENDS[config.backend].state_dtype(u, A, B, C, h0)
     batch, dim, seqlen = u.shape
     d_state = A.shape[-1]
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -191,12 +191,13 @@ def selective_scan_cp(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         "u (batch)": batch, "u (dim)": dim, "A (d_state)": d_state, "u (dtype)": _dtype_code(u.dtype),
         "initial_state (the state's dtype)": _dtype_code(state_dtype), "B (layout)": _layout(B),
         "C (layout)": _layout(C), "D (given)": D is not None, "z (given)": z is not None,
-        "delta_bias (given)": delta_bias is not None, "delta_softplus": bool(delta_softplus), **scales,
+        "delta_bias (given)": delta_bias is not None, "delta_softplus": config.delta_softplus, **config.multipliers,
         "requires_grad (of any input)": needs_grad})
 
     def scan(D_, z_, start, last_state):
-        return selective_scan_fn(u, delta, A, B, C, D_, z_, delta_bias, delta_softplus, last_state,
-                                 initial_state=start, backend=backend, **scales)
+        return selective_scan_fn(u, delta, A, B, C, D=D_, z=z_, delta_bias=delta_bias,
+                                 delta_softplus=config.delta_softplus, return_last_state=last_state,
+                                 initial_state=start, backend=config.backend, **config.multipliers)
 
     # 1. this shard's summary: (total decay, final state from this rank's start)
     out = None
@@ -210,7 +211,7 @@ def selective_scan_cp(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     # exp(A * sum dt), from the inputs even for an empty shard (then 1), so that autograd reaches the
     # collective below from every rank's parameters; a growing shard stops at the largest float
     total_dt = discretize_dt(delta.to(state_dtype), None if delta_bias is None else delta_bias.to(state_dtype),
-                             delta_softplus, scales["dt_scale"]).sum(-1)  # (batch, dim)
+                             config.delta_softplus, config.dt_scale).sum(-1)  # (batch, dim)
     decay = torch.exp(A.to(state_dtype) * total_dt[..., None]).clamp(max=torch.finfo(state_dtype).max)
     summary = torch.stack([decay, final.to(state_dtype)])
     if needs_grad and not summary.requires_grad:  # an empty shard: still part of every rank's backward

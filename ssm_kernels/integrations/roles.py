@@ -62,4 +62,4 @@ FOREIGN_DECLARATIONS = (
         (f"{MAMBA_SSM_MIXER}.Mamba", _mamba_ssm_mixer), ("mamba_ssm.ops.triton.layer_norm.RMSNorm", declare_norm),
         ("mamba_ssm.models.mixer_seq_simple.MambaLMHeadModel", _mamba_ssm_lm))
 for _path, _declare in FOREIGN_DECLARATIONS:
-    register_declaration(_path, _declare)
+    register_declaration(_path, _declare, mixer=_declare in (_hf_mixer, _mamba_ssm_mixer))

@@ -10,7 +10,7 @@ that the parameterization sets, and the persistence of multipliers in state dict
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -48,16 +48,25 @@ class Declaration:
 
 
 _FOREIGN: Dict[str, Callable[[nn.Module], Declaration]] = {}
+_FOREIGN_MIXERS: List[str] = []  # the registered classes that are Mamba mixers
 
 
 def class_name(cls) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def register_declaration(qualified_class_name: str, declare: Callable[[nn.Module], Declaration]) -> None:
+def register_declaration(qualified_class_name: str, declare: Callable[[nn.Module], Declaration], *,
+                         mixer: bool = False) -> None:
     """Declares the modules of a class we do not own (by "module.QualName", so that the class's
-    library need not be imported). declare(module) -> Declaration."""
+    library need not be imported). declare(module) -> Declaration; mixer: the class is a Mamba mixer."""
     _FOREIGN[qualified_class_name] = declare
+    if mixer:
+        _FOREIGN_MIXERS.append(qualified_class_name)
+
+
+def foreign_mixer_names() -> List[str]:
+    """The short names of the Mamba mixer classes declared by register_declaration, sorted."""
+    return sorted({path.rpartition(".")[2] for path in _FOREIGN_MIXERS})
 
 
 def declaration(module: nn.Module) -> Optional[Declaration]:

@@ -8,7 +8,7 @@ submodule (`mixer.scan`): they are set by `ssm_kernels.mup`, saved in the state 
 """
 
 import math
-from functools import partial
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -98,15 +98,19 @@ class SelectiveScan(nn.Module):
         self.backend = backend
         self.cp_group = cp_group
 
+    def multipliers(self) -> dict:
+        return dict(dt_scale=self.dt_scale, b_scale=self.b_scale, c_scale=self.c_scale)
+
     def forward(self, u, delta, A, B, C, D, z, delta_bias, cu_seqlens=None):
-        if self.cp_group is not None:
-            if cu_seqlens is not None:
-                raise ValueError("cu_seqlens: packed sequences are not supported under context parallelism")
-            scan = partial(selective_scan_cp, group=self.cp_group)
-        else:
-            scan = partial(selective_scan_fn, cu_seqlens=cu_seqlens)
-        return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True, return_last_state=True,
-                    dt_scale=self.dt_scale, b_scale=self.b_scale, c_scale=self.c_scale, backend=self.backend)
+        """(out, last_state) of the scan with softplus on dt (Mamba's), this module's multipliers
+        and backend."""
+        common = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=True, return_last_state=True,
+                      backend=self.backend, **self.multipliers())
+        if self.cp_group is None:
+            return selective_scan_fn(u, delta, A, B, C, cu_seqlens=cu_seqlens, **common)
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens: packed sequences are not supported under context parallelism")
+        return selective_scan_cp(u, delta, A, B, C, group=self.cp_group, **common)
 
     def extra_repr(self):
         return f"dt_scale={self.dt_scale:g}, b_scale={self.b_scale:g}, c_scale={self.c_scale:g}"
@@ -123,9 +127,30 @@ def _rms(x: Tensor, weight: Optional[Tensor], eps: float):
     return x if weight is None else rms_norm(x, weight, eps)
 
 
-def _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias, A,
-           B, C, D, delta_bias, B_proj_bias, C_proj_bias, b_rms_weight, c_rms_weight, dt_rms_weight, eps, scan,
-           conv=causal_conv1d, cache=None, cu_seqlens=None):
+@dataclass(frozen=True)
+class MixerWeights:
+    """The tensors of one Mamba-1 mixer call, named as in mamba_inner_fn (None: absent; B, C None:
+    projected from x by x_proj). dt_proj's weight is delta_proj_weight, its bias delta_bias."""
+    conv1d_weight: Tensor
+    conv1d_bias: Optional[Tensor]
+    x_proj_weight: Tensor
+    delta_proj_weight: Tensor
+    out_proj_weight: Tensor
+    out_proj_bias: Optional[Tensor]
+    A: Tensor
+    B: Optional[Tensor] = None
+    C: Optional[Tensor] = None
+    D: Optional[Tensor] = None
+    delta_bias: Optional[Tensor] = None
+    B_proj_bias: Optional[Tensor] = None
+    C_proj_bias: Optional[Tensor] = None
+    b_rms_weight: Optional[Tensor] = None
+    c_rms_weight: Optional[Tensor] = None
+    dt_rms_weight: Optional[Tensor] = None
+    eps: float = 1e-6  # of the three RMS norms
+
+
+def _inner(xz, w: MixerWeights, *, scan, conv=causal_conv1d, cache=None, cu_seqlens=None):
     """The shared body of mamba_inner_fn and Mamba.forward; scan(u, delta, A, B, C, D, z, delta_bias,
     cu_seqlens), conv(x, weight, bias, activation, cu_seqlens=). cache: a (conv_state, ssm_state) pair that the
     prefill fills with the last d_conv conv inputs and the scan's last state. cu_seqlens: packed
@@ -133,37 +158,38 @@ def _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out
     if xz.dim() != 3 or xz.shape[1] % 2:
         raise ValueError(f"xz: expected (batch, 2*d_inner, L), got {tuple(xz.shape)}")
     batch, _, seqlen = xz.shape
-    d_state = A.shape[-1]
-    dt_rank = delta_proj_weight.shape[1]
+    d_state = w.A.shape[-1]
+    dt_rank = w.delta_proj_weight.shape[1]
+    B, C, eps = w.B, w.C, w.eps
     x, z = xz.chunk(2, dim=1)
     if cache is not None:
         width = cache[0].shape[-1]
         cache[0].copy_(F.pad(x, (max(0, width - seqlen), 0))[..., -width:])
-    x = conv(x, conv1d_weight, conv1d_bias, "silu", cu_seqlens=cu_seqlens)
+    x = conv(x, w.conv1d_weight, w.conv1d_bias, "silu", cu_seqlens=cu_seqlens)
     d_inner = x.shape[1]  # sizes spelled out below: a context-parallel shard may hold 0 steps
-    x_dbl = F.linear(x.transpose(1, 2).reshape(batch * seqlen, d_inner), x_proj_weight)  # (b*l, r + 2N)
-    for name, w, size in (("dt_rms_weight", dt_rms_weight, d_inner), ("b_rms_weight", b_rms_weight, d_state),
-                          ("c_rms_weight", c_rms_weight, d_state)):
-        if w is not None and tuple(w.shape) != (size,):
-            raise ValueError(f"{name}: expected shape ({size},), got {tuple(w.shape)}")
-    delta = delta_proj_weight @ x_dbl[:, :dt_rank].t()  # (d, b*l)
-    if dt_rms_weight is not None:  # mamba_ssm's meaning: delta normalized over d_inner after dt_proj
-        delta = rms_norm(delta.t(), dt_rms_weight, eps).t()
+    x_dbl = F.linear(x.transpose(1, 2).reshape(batch * seqlen, d_inner), w.x_proj_weight)  # (b*l, r + 2N)
+    for name, size in (("dt_rms_weight", d_inner), ("b_rms_weight", d_state), ("c_rms_weight", d_state)):
+        weight = getattr(w, name)
+        if weight is not None and tuple(weight.shape) != (size,):
+            raise ValueError(f"{name}: expected shape ({size},), got {tuple(weight.shape)}")
+    delta = w.delta_proj_weight @ x_dbl[:, :dt_rank].t()  # (d, b*l)
+    if w.dt_rms_weight is not None:  # mamba_ssm's meaning: delta normalized over d_inner after dt_proj
+        delta = rms_norm(delta.t(), w.dt_rms_weight, eps).t()
     delta = delta.reshape(d_inner, batch, seqlen).transpose(0, 1)  # (b, d, l), d-major view
     if B is None:
         B = x_dbl[:, dt_rank:dt_rank + d_state]
-        if B_proj_bias is not None:
-            B = B + B_proj_bias.to(B.dtype)
-        B = _rms(B, b_rms_weight, eps).reshape(batch, seqlen, d_state).transpose(1, 2)  # (b, N, l)
+        if w.B_proj_bias is not None:
+            B = B + w.B_proj_bias.to(B.dtype)
+        B = _rms(B, w.b_rms_weight, eps).reshape(batch, seqlen, d_state).transpose(1, 2)  # (b, N, l)
     if C is None:
         C = x_dbl[:, -d_state:]
-        if C_proj_bias is not None:
-            C = C + C_proj_bias.to(C.dtype)
-        C = _rms(C, c_rms_weight, eps).reshape(batch, seqlen, d_state).transpose(1, 2)
-    y, last_state = scan(x, delta, A, B, C, D, z, delta_bias, cu_seqlens)
+        if w.C_proj_bias is not None:
+            C = C + w.C_proj_bias.to(C.dtype)
+        C = _rms(C, w.c_rms_weight, eps).reshape(batch, seqlen, d_state).transpose(1, 2)
+    y, last_state = scan(x, delta, w.A, B, C, w.D, z, w.delta_bias, cu_seqlens)
     if cache is not None:
         cache[1].copy_(last_state)
-    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+    return F.linear(y.transpose(1, 2), w.out_proj_weight, w.out_proj_bias)
 
 
 def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias,
@@ -184,9 +210,12 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
         return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus,
                                  return_last_state=True, dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale,
                                  backend=backend, cu_seqlens=cu_seqlens)
-    return _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias,
-                  A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, b_rms_weight, c_rms_weight, dt_rms_weight,
-                  b_c_dt_rms_eps, scan, cu_seqlens=cu_seqlens)
+    weights = MixerWeights(conv1d_weight=conv1d_weight, conv1d_bias=conv1d_bias, x_proj_weight=x_proj_weight,
+                           delta_proj_weight=delta_proj_weight, out_proj_weight=out_proj_weight,
+                           out_proj_bias=out_proj_bias, A=A, B=B, C=C, D=D, delta_bias=delta_bias,
+                           B_proj_bias=B_proj_bias, C_proj_bias=C_proj_bias, b_rms_weight=b_rms_weight,
+                           c_rms_weight=c_rms_weight, dt_rms_weight=dt_rms_weight, eps=b_c_dt_rms_eps)
+    return _inner(xz, weights, scan=scan, cu_seqlens=cu_seqlens)
 
 
 # mamba_ssm's Mamba (and transformers' MambaMixer): parameter name -> parameterization role.
@@ -223,6 +252,8 @@ class Mamba(nn.Module):
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        # mamba_ssm's `dt_scale` keyword scales dt_proj's *init*; inside the code it is dt_init_scale,
+        # apart from the kernel multiplier dt_scale (self.scan.dt_scale, set by ssm_kernels.mup)
         self.dt_min, self.dt_max, self.dt_init, self.dt_init_scale = dt_min, dt_max, dt_init, dt_scale
         self.dt_init_floor = dt_init_floor
         self.use_fast_path = use_fast_path  # accepted for compatibility; there is one path
@@ -249,7 +280,7 @@ class Mamba(nn.Module):
     @torch.no_grad()
     def reset_ssm_parameters(self, generator=None):
         """mamba_ssm's init of dt_proj, A_log and D (in_proj, conv1d, x_proj, out_proj keep
-        PyTorch's defaults): dt_proj.weight uniform in +-dt_rank^-0.5 * dt_scale (or that
+        PyTorch's defaults): dt_proj.weight uniform in +-dt_rank^-0.5 * dt_init_scale (or that
         constant), dt_proj.bias = softplus^-1 of dt log-uniform in [dt_min, dt_max] floored at
         dt_init_floor, A_log[:, n] = log(n + 1) (S4D-real), D = 1."""
         init_ssm_parameters_(dict(self.named_parameters()), self.shape(), self.dt_rank ** -0.5 * self.dt_init_scale,
@@ -281,9 +312,11 @@ class Mamba(nn.Module):
                 return self.step(hidden_states, *cache)[0]
         xz = F.linear(hidden_states, self.in_proj.weight, self.in_proj.bias).transpose(1, 2)  # (b, 2d, l)
         A = -torch.exp(_at_least_fp32(self.A_log))
-        return _inner(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                      self.out_proj.weight, self.out_proj.bias, A, None, None, _at_least_fp32(self.D),
-                      _at_least_fp32(self.dt_proj.bias), None, None, None, None, None, 1e-6, self.scan,
+        weights = MixerWeights(conv1d_weight=self.conv1d.weight, conv1d_bias=self.conv1d.bias,
+                               x_proj_weight=self.x_proj.weight, delta_proj_weight=self.dt_proj.weight,
+                               out_proj_weight=self.out_proj.weight, out_proj_bias=self.out_proj.bias, A=A,
+                               D=_at_least_fp32(self.D), delta_bias=_at_least_fp32(self.dt_proj.bias))
+        return _inner(xz, weights, scan=self.scan,
                       conv=causal_conv1d if self.scan.cp_group is None else self._conv_with_halo, cache=cache,
                       cu_seqlens=cu_seqlens)
 
@@ -320,10 +353,9 @@ class Mamba(nn.Module):
         x = causal_conv1d_update(x, conv_state, self.conv1d.weight, self.conv1d.bias, "silu").to(xz.dtype)
         dt, B, C = F.linear(x, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # the bias goes in with the softplus, as in the scan
-        s = self.scan
         y = selective_state_update(ssm_state, x, dt, -torch.exp(_at_least_fp32(self.A_log)), B, C,
-                                   _at_least_fp32(self.D), z, _at_least_fp32(self.dt_proj.bias), dt_softplus=True,
-                                   dt_scale=s.dt_scale, b_scale=s.b_scale, c_scale=s.c_scale, backend=s.backend)
+                                   D=_at_least_fp32(self.D), z=z, dt_bias=_at_least_fp32(self.dt_proj.bias),
+                                   dt_softplus=True, backend=self.scan.backend, **self.scan.multipliers())
         return F.linear(y, self.out_proj.weight, self.out_proj.bias).unsqueeze(1), conv_state, ssm_state
 
     def _conv_with_halo(self, x, weight, bias, activation, cu_seqlens=None):

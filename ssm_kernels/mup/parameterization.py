@@ -9,8 +9,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..integrations.roles import FOREIGN_DECLARATIONS  # importing it declares transformers' and mamba_ssm's modules
-from ..modules.declarations import declared_modules, mamba_init_, parameter_roles
+from ..modules.declarations import declared_modules, foreign_mixer_names, mamba_init_, parameter_roles
 from .presets import DECAYED, OPTIMIZERS, PRESETS, ROLES, TIED, Rule, check_table, share_learning_rate
 
 
@@ -59,7 +58,7 @@ class Parameterization:
         """(d_inner, d_state) of the model's mixers, from their declarations."""
         shapes = {(d.mixer.d_inner, d.mixer.d_state) for _, _, d in declared_modules(model) if d.mixer is not None}
         if not shapes:
-            foreign = ", ".join(sorted({path.rpartition(".")[2] for path, _ in FOREIGN_DECLARATIONS}))
+            foreign = ", ".join(foreign_mixer_names())
             raise ValueError(f"model: has no Mamba layer (ssm_kernels' Mamba, or one of {foreign})")
         if len(shapes) > 1:
             raise ValueError(f"model: Mamba layers of different shapes {sorted(shapes)}")

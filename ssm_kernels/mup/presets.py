@@ -185,7 +185,7 @@ def _fmt(e: Exp) -> str:
 def presets_markdown() -> str:
     """Every preset's table as markdown (docs/presets.md is this text; a test keeps them equal)."""
     lines = ["# Parameterization presets", "",
-             "Generated from `ssm_kernels/mup/presets.py` by `python -m ssm_kernels coord-check --table`; do not",
+             "Generated from `ssm_kernels/mup/presets.py` by `python -m ssm_kernels docs`; do not",
              "edit by hand. Each entry is the factor relative to the base shape (N_u0, N_x0), where every preset",
              "is SP: `N_u` stands for N_u / N_u0 and `N_x` for N_x / N_x0. init: the init std (SP's at the base",
              "shape is mamba_ssm's); mult: forward multiplier; lr: learning rate; wd: weight decay. These are",

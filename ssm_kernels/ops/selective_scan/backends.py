@@ -1,8 +1,9 @@
 """The selective-scan backends: one registry entry each, the only place that knows them.
 
-An entry says how to run the forward and the backward, the spacing of the states the forward
-saves, where the backend runs, which dtypes and state sizes it takes, and in which dtype it
-keeps the state. Adding a backend is one more `Backend(...)` here.
+An entry says how to run the forward, the backward and the decoding step, the spacing of the
+states the forward saves, where the backend runs, which dtypes and state sizes it takes, and in
+which dtype it keeps the state. Adding a backend is one more `Backend(...)` here: the public
+functions, the command line, the benchmarks and the tests read their backend lists from BACKENDS.
 """
 
 import importlib
@@ -35,12 +36,15 @@ def _lazy(module: str, name: str) -> Callable:
 @dataclass(frozen=True)
 class Backend:
     name: str
-    # forward(u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus, dt_scale,
-    # b_scale, c_scale) -> (out, last_state, chunk_states); None: autograd through the reference
+    # forward(u, delta, A, B, C, *, D, z, delta_bias, initial_state, config: ScanConfig)
+    # -> (out, last_state, chunk_states); None: autograd through the reference
     forward: Optional[Callable]
-    # backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups,
-    # delta_softplus, dt_scale, b_scale, c_scale, deterministic=) -> the nine gradients
+    # backward(dout, dlast_state, u, delta, A, B, C, *, D, z, delta_bias, chunk_states, config)
+    # -> the nine gradients
     backward: Optional[Callable]
+    # state_update(state, x, dt, A, B, C, *, D, z, dt_bias, indices, out, config): one decoding
+    # step (selective_state_update), the state updated in place; returns out
+    state_update: Callable
     chunk_size: Optional[Callable]  # (seqlen, device) -> steps between the saved states
     dtypes: tuple  # dtypes of u, delta, z and the other tensors
     max_d_state: Optional[int]  # None: no limit
@@ -55,25 +59,33 @@ def _triton_unavailable(device):
             "on the CPU")
 
 
+STATE_UPDATE_TORCH = _lazy("..state_update.step_torch", "state_update_torch")  # one decoding step, any device
+
 BACKENDS = {b.name: b for b in (
     # the same chunked algorithm in vectorized PyTorch (chunk_torch.py)
     Backend(name="torch",
             forward=selective_scan_fwd_torch, backward=selective_scan_bwd_torch,
+            state_update=STATE_UPDATE_TORCH,
             chunk_size=lambda seqlen, device: CHUNK_SIZE, dtypes=ALL_DTYPES, max_d_state=None,
             state_dtype=compute_dtype, unavailable_reason=lambda device: None),
-    # chunked Triton kernels (chunk.py)
+    # chunked Triton kernels (chunk.py; the decoding step: state_update/kernel.py)
     Backend(name="triton",
             forward=_lazy(".chunk", "selective_scan_fwd_triton"), backward=_lazy(".chunk", "selective_scan_bwd_triton"),
+            state_update=_lazy("..state_update.kernel", "state_update_triton"),
             chunk_size=_lazy(".chunk", "triton_chunk_size"), dtypes=IO_DTYPES, max_d_state=256,
             state_dtype=lambda *tensors: torch.float32, unavailable_reason=_triton_unavailable),
-    # the compiled CPU kernels of csrc/ (compiled.py), when the extension is built
+    # the compiled CPU kernels of csrc/ (compiled.py), when the extension is built; a decoding step
+    # is a few vector ops, with no compiled version: the torch one
     Backend(name="cpp",
             forward=_lazy(".compiled", "selective_scan_fwd_cpp"), backward=_lazy(".compiled", "selective_scan_bwd_cpp"),
+            state_update=STATE_UPDATE_TORCH,
             chunk_size=lambda seqlen, device: COMPILED_CHUNK_SIZE, dtypes=ALL_DTYPES, max_d_state=None,
             state_dtype=compute_dtype, unavailable_reason=cpp_unavailable),
-    # the sequential reference (naive.py), differentiated by autograd
+    # the sequential reference (naive.py), differentiated by autograd; one decoding step has no
+    # separate reference: the torch one
     Backend(name="ref",
-            forward=None, backward=None, chunk_size=None, dtypes=ALL_DTYPES, max_d_state=None,
+            forward=None, backward=None, state_update=STATE_UPDATE_TORCH,
+            chunk_size=None, dtypes=ALL_DTYPES, max_d_state=None,
             state_dtype=compute_dtype, unavailable_reason=lambda device: None),
 )}
 
@@ -112,3 +124,18 @@ def resolve_backend(backend: Optional[str], u) -> str:
 def available_backends(device: torch.device):
     """Names of the chunked backends (not the reference) that run on `device`."""
     return [name for name in CHUNKED_BACKENDS if BACKENDS[name].unavailable_reason(device) is None]
+
+
+def check_backend_limits(backend: str, d_state: int, tensors: dict):
+    """The dtypes and state size that the backend's registry entry admits; tensors: name -> tensor
+    or None, named as the caller's arguments."""
+    entry = BACKENDS[backend]
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in entry.dtypes:
+            takes = [b.name for b in BACKENDS.values() if t.dtype in b.dtypes]
+            raise TypeError(f"{name}: {str(t.dtype).replace('torch.', '')} is supported by the "
+                            f"{' and '.join(repr(b) for b in takes)} backends only; the {backend!r} backend takes "
+                            + ", ".join(str(d).replace("torch.", "") for d in entry.dtypes))
+    if entry.max_d_state is not None and d_state > entry.max_d_state:
+        raise ValueError(f"A: d_state={d_state} exceeds the {backend!r} backend's limit of {entry.max_d_state}; "
+                         "use backend='torch'")

@@ -39,6 +39,12 @@ def check_multiplier(name: str, value) -> float:
     return value
 
 
+def check_multipliers(dt_scale=1.0, b_scale=1.0, c_scale=1.0) -> dict:
+    """The three width multipliers as finite Python floats, by name (ScanConfig's fields)."""
+    return {name: check_multiplier(name, value)
+            for name, value in (("dt_scale", dt_scale), ("b_scale", b_scale), ("c_scale", c_scale))}
+
+
 def _check_tensor(name: str, t, ndim: int, device: torch.device):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -80,7 +86,7 @@ def _check_state_matrix(name: str, X, batch: int, dim: int, d_state: int, seqlen
 
 
 def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None,
-                 *, backend: Optional[str] = None, state_rows: Optional[int] = None):
+                 *, state_rows: Optional[int] = None):
     """Validate the selective-scan arguments.
 
     Returns (B, C, groups): B and C as (dim, N) when fixed or (batch, G, N, L) views when
@@ -123,9 +129,6 @@ def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_sta
         _check_tensor("initial_state", initial_state, 3, device)
         rows = batch if state_rows is None else state_rows  # packed sequences: one state each
         _check_shape("initial_state", initial_state, (rows, dim, d_state))
-    if backend is not None:
-        _check_backend_limits(backend, d_state, dict(u=u, A=A, B=B, C=C, D=D, delta_bias=delta_bias,
-                                                     initial_state=initial_state))
     return B, C, max(groups_b, groups_c, 1)
 
 
@@ -156,18 +159,3 @@ def check_cu_seqlens(cu_seqlens, u) -> int:
     if any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
         raise ValueError("cu_seqlens: must be non-decreasing")
     return len(bounds) - 1
-
-
-def _check_backend_limits(backend: str, d_state: int, tensors: dict):
-    """The dtypes and state size that the backend's registry entry admits."""
-    from .backends import BACKENDS
-    entry = BACKENDS[backend]
-    for name, t in tensors.items():
-        if t is not None and t.dtype not in entry.dtypes:
-            takes = [b.name for b in BACKENDS.values() if t.dtype in b.dtypes]
-            raise TypeError(f"{name}: {str(t.dtype).replace('torch.', '')} is supported by the "
-                            f"{' and '.join(repr(b) for b in takes)} backends only; the {backend!r} backend takes "
-                            + ", ".join(str(d).replace("torch.", "") for d in entry.dtypes))
-    if entry.max_d_state is not None and d_state > entry.max_d_state:
-        raise ValueError(f"A: d_state={d_state} exceeds the {backend!r} backend's limit of {entry.max_d_state}; "
-                         "use backend='torch'")

@@ -33,13 +33,12 @@ registers; the compiler keeps one layout and moves no data.
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
+from ..triton_helpers import (FLT_MAX, contiguous, discretize, has, log2_decay_rate, scan_heuristics, sigmoid,
+                              strides)
 from ..utils import new_buffer
 from .checks import state_rows
 
-LOG2E = tl.constexpr(1.4426950408889634)
-FLT_MAX = tl.constexpr(3.4028234663852886e38)
 # The order of a vector-load tile's axes that keeps each lane's items in one thread. The
 # coalescing pass breaks the tie between the two strided axes (lanes, vectors of a lane) one
 # way in Triton 3.6 and the other in 3.9; the wrong order spreads a lane's items over four
@@ -324,59 +323,6 @@ def _pick(v, n, LANES: tl.constexpr):
 
 
 @triton.jit
-def _log(x, FAST_MATH: tl.constexpr):
-    """Natural log: the GPU's approximate instruction (2^-22 relative error) when FAST_MATH,
-    else Triton's accurate one (the interpreter runs the same formulas with exact operations)."""
-    if FAST_MATH:
-        y = libdevice.fast_logf(x)
-    else:
-        y = tl.log(x)
-    return y
-
-
-@triton.jit
-def _reciprocal(x, FAST_MATH: tl.constexpr):
-    if FAST_MATH:
-        y = libdevice.fast_dividef(1.0, x)
-    else:
-        y = 1.0 / x
-    return y
-
-
-@triton.jit
-def _sigmoid(x, FAST_MATH: tl.constexpr):
-    return _reciprocal(1.0 + tl.exp2(-x * LOG2E), FAST_MATH)
-
-
-@triton.jit
-def _discretize(delta, bias, dt_scale, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
-                FAST_MATH: tl.constexpr):
-    """dt = softplus(dt_scale * delta + bias) (threshold 20) and d dt / d(pre-activation)."""
-    pre = delta * dt_scale
-    if HAS_DELTA_BIAS:
-        pre += bias
-    if DELTA_SOFTPLUS:
-        e = tl.exp2(tl.minimum(pre, 20.0) * LOG2E)
-        w = 1.0 + e
-        r = _reciprocal(w, FAST_MATH)
-        # log1p(e) = log(w) + log(1 + err / w), err = e - (w - 1) the rounding error of w (exact)
-        log1p_e = _log(w, FAST_MATH) + (e - (w - 1.0)) * r
-        dt = tl.where(pre <= 20.0, log1p_e, pre)
-        ddt = tl.where(pre <= 20.0, e * r, 1.0)
-    else:
-        dt = pre
-        ddt = tl.full(pre.shape, 1.0, tl.float32)
-    return dt, ddt
-
-
-@triton.jit
-def _log2_decay_rate(A):
-    """A * log2(e), the exponent of exp2 per unit dt, kept finite: A below -FLT_MAX / log2(e)
-    would give -inf, and -inf * (dt = 0) is NaN."""
-    return tl.maximum(A * LOG2E, -FLT_MAX)
-
-
-@triton.jit
 def _channel_rows(ptr, d, d_state, offs_n, mask_n, CH: tl.constexpr):
     """The per-channel (N,) rows of channels d (A, or a fixed B or C) as a [CH, BLOCK_N] fp32
     register tensor."""
@@ -448,19 +394,7 @@ def _in_sequence(t, first, end, VARLEN: tl.constexpr):
 # Forward
 # ---------------------------------------------------------------------------------------------
 
-def _has(name):
-    return lambda args: args[name] is not None
-
-
-def _variable(name):
-    return lambda args: args[name].dim() == 4
-
-
-@triton.heuristics({
-    "HAS_D": _has("D_ptr"), "HAS_Z": _has("z_ptr"), "HAS_DELTA_BIAS": _has("delta_bias_ptr"),
-    "HAS_INITIAL_STATE": _has("initial_state_ptr"), "B_VARIABLE": _variable("B_ptr"), "C_VARIABLE": _variable("C_ptr"),
-    "VARLEN": _has("cu_seqlens_ptr"),
-})
+@triton.heuristics(scan_heuristics(HAS_INITIAL_STATE=has("initial_state_ptr")))
 @triton.jit
 def selective_scan_fwd_kernel(
     # inputs
@@ -515,7 +449,7 @@ def selective_scan_fwd_kernel(
         mask = None if EVEN else _in_sequence(t, first, length, VARLEN)
         u = _load_tile_f32(u_rows, t, mask, LANES, ITEMS, VEC)
         delta = _load_tile_f32(delta_rows, t, mask, LANES, ITEMS, VEC)
-        dt, _ = _discretize(delta, _on_tiles(bias, CH), dt_scale, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)
+        dt, _ = discretize(delta, _on_tiles(bias, CH), dt_scale, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)
         if not EVEN:  # steps past the end: a = 1 and x = 0, the state passes through
             dt = tl.where(_items_first(mask, LANES, ITEMS, VEC), dt, 0.0)
         dtu = dt * u * b_scale
@@ -530,7 +464,7 @@ def selective_scan_fwd_kernel(
         if C_VARIABLE:
             C = _state_tile(C_row, 0, stride_C_n, d_state, t, mask, LANES, ITEMS, VEC)
         for n in range(0, d_state):
-            A2 = _log2_decay_rate(_pick(A, n, LANES))
+            A2 = log2_decay_rate(_pick(A, n, LANES))
             a = tl.exp2(dt * tl.expand_dims(A2, 0))
             if B_VARIABLE:
                 x = dtu * B
@@ -553,7 +487,7 @@ def selective_scan_fwd_kernel(
         if HAS_Z:
             z_rows = z_ptr + _channel_axis(b * stride_z_b + d * stride_z_d + start, CH)
             z = _load_tile_f32(z_rows, t, mask, LANES, ITEMS, VEC)
-            y *= z * _sigmoid(z, FAST_MATH)
+            y *= z * sigmoid(z, FAST_MATH)
         _store_tile(out_ptr + _channel_axis(channel * seqlen + start, CH), t, mask, y, LANES, ITEMS, VEC)
 
     tl.store(last_state_ptr + _column(state, CH) * d_state + offs_n, carry, mask=mask_n)
@@ -663,11 +597,7 @@ def fixed_point_to_float_kernel(sum_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
     tl.store(scale_ptr + offs, tl.where(scale != scale, scale, out), mask=mask)
 
 
-@triton.heuristics({
-    "HAS_D": _has("D_ptr"), "HAS_Z": _has("z_ptr"), "HAS_DELTA_BIAS": _has("delta_bias_ptr"),
-    "HAS_DLAST_STATE": _has("dlast_state_ptr"), "B_VARIABLE": _variable("B_ptr"), "C_VARIABLE": _variable("C_ptr"),
-    "VARLEN": _has("cu_seqlens_ptr"),
-})
+@triton.heuristics(scan_heuristics(HAS_DLAST_STATE=has("dlast_state_ptr")))
 @triton.jit
 def selective_scan_bwd_kernel(
     # inputs
@@ -737,7 +667,7 @@ def selective_scan_bwd_kernel(
         # than kept live through it (registers)
         u = _load_tile_f32(u_rows, t, mask, LANES, ITEMS, VEC)
         delta = _load_tile_f32(delta_rows, t, mask, LANES, ITEMS, VEC)
-        dt = _discretize(delta, _on_tiles(bias, CH), dt_scale, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)[0]
+        dt = discretize(delta, _on_tiles(bias, CH), dt_scale, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)[0]
         if not EVEN:
             dt = tl.where(_items_first(mask, LANES, ITEMS, VEC), dt, 0.0)
         dtu = dt * u * b_scale
@@ -750,7 +680,7 @@ def selective_scan_bwd_kernel(
         if HAS_Z:  # out = y * silu(z); dz is computed after the state loop, which accumulates y
             z_rows = z_ptr + _channel_axis(b * stride_z_b + d * stride_z_d + start, CH)
             z = _load_tile_f32(z_rows, t, mask, LANES, ITEMS, VEC)
-            dy *= z * _sigmoid(z, FAST_MATH)
+            dy *= z * sigmoid(z, FAST_MATH)
             y = tl.zeros(dt.shape, tl.float32)
         dyc = dy * c_scale
         dx = tl.zeros(dt.shape, tl.float32)  # sum over n of g_t B_t: du and ddelta through x
@@ -767,7 +697,7 @@ def selective_scan_bwd_kernel(
             if not B_VARIABLE:
                 B = tl.expand_dims(_pick(B_fixed, n, LANES), 0)
             A_n = _pick(A, n, LANES)
-            A2 = _log2_decay_rate(A_n)
+            A2 = log2_decay_rate(A_n)
             # the chunk's states again, from the saved one
             a = tl.exp2(dt * tl.expand_dims(A2, 0))
             x = dtu * B
@@ -819,7 +749,7 @@ def selective_scan_bwd_kernel(
 
         if WRITE_GRADS:
             u = _load_tile_f32(u_rows, t, mask, LANES, ITEMS, VEC)
-            ddt = _discretize(_load_tile_f32(delta_rows, t, mask, LANES, ITEMS, VEC), _on_tiles(bias, CH), dt_scale,
+            ddt = discretize(_load_tile_f32(delta_rows, t, mask, LANES, ITEMS, VEC), _on_tiles(bias, CH), dt_scale,
                               HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)[1]
             if not EVEN:
                 ddt = tl.where(_items_first(mask, LANES, ITEMS, VEC), ddt, 0.0)
@@ -829,7 +759,7 @@ def selective_scan_bwd_kernel(
                 if HAS_D:
                     y += _on_tiles(D, CH) * u
                 z = _load_tile_f32(z_rows, t, mask, LANES, ITEMS, VEC)
-                sig = _sigmoid(z, FAST_MATH)
+                sig = sigmoid(z, FAST_MATH)
                 dz = dy * y * sig * (1.0 + z * (1.0 - sig))
                 _store_tile(dz_ptr + grad_rows, t, mask, dz, LANES, ITEMS, VEC)
                 dy *= z * sig
@@ -871,7 +801,7 @@ class Geometry:
         self.lanes = 32 if on_gpu else 4
         items = triton.next_power_of_2(triton.cdiv(seqlen, self.lanes))
         # The backward keeps about twice as many values per item live as the forward: 8 and 16
-        # items per lane fit in 255 registers without spills (tests/compile_for_gpu.py).
+        # items per lane fit in 255 registers without spills (benchmarks/tools/compile_for_gpu.py).
         max_fwd, max_bwd = (16, 8) if on_gpu else (8, 4)
         self.items_bwd = min(items, max_bwd)
         self.items_fwd = max(min(items, max_fwd), self.items_bwd)
@@ -911,30 +841,28 @@ def _time_contiguous(t):
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def _contiguous(t):
-    return None if t is None else t.contiguous()
-
-
-def _row_strides(t):
-    """(batch, dim) strides of a (batch, dim, L) tensor; zeros when absent."""
-    return (0, 0) if t is None else (t.stride(0), t.stride(1))
-
-
 def _state_matrix(X):
     """Fixed B or C contiguous; variable ones in their own dtype with time contiguous (a program
     loads them once for its channels and converts them to fp32 in registers)."""
     return X.contiguous() if X.dim() == 2 else _time_contiguous(X)
 
 
-def _state_matrix_strides(X):
-    """(batch, group, n) strides of a variable (batch, G, N, L) B or C; zeros when fixed."""
-    return tuple(X.stride()[:3]) if X.dim() == 4 else (0, 0, 0)
+def _input_strides(**inputs) -> dict:
+    """The kernels' stride keywords: (batch, dim) of each (batch, dim, L) input given by name, and
+    (batch, group, n) of B and C when variable (zeros when fixed or absent); time is contiguous."""
+    out = {}
+    for name, t in inputs.items():
+        if name in ("B", "C"):
+            out.update(strides(name, t if t.dim() == 4 else None, "bgn"))
+        else:
+            out.update(strides(name, t, "bd"))
+    return out
 
 
-def selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, initial_state, groups: int,
-                              delta_softplus: bool, dt_scale: float, b_scale: float, c_scale: float,
-                              cu_seqlens=None):
-    """Forward. B, C as returned by check_inputs. Returns (out, last_state, chunk_states)."""
+def selective_scan_fwd_triton(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, initial_state=None, config):
+    """Forward. B, C as returned by check_inputs; config a ScanConfig. Returns (out, last_state,
+    chunk_states)."""
+    groups, cu_seqlens = config.groups, config.cu_seqlens
     batch, dim, seqlen = u.shape
     N = A.shape[1]
     u, delta, z = _time_contiguous(u), _time_contiguous(delta), _time_contiguous(z)
@@ -947,17 +875,14 @@ def selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, initial_state
     chunk_states = (new_buffer if cu_seqlens is None else torch.zeros)(batch, dim, geo.n_saved, N,
                                                                        dtype=torch.float32, device=u.device)
     selective_scan_fwd_kernel[(dim // geo.channels_fwd, rows)](
-        u_ptr=u, delta_ptr=delta, A_ptr=A.contiguous(), B_ptr=B, C_ptr=C, D_ptr=_contiguous(D), z_ptr=z,
-        delta_bias_ptr=_contiguous(delta_bias), initial_state_ptr=_contiguous(initial_state),
-        cu_seqlens_ptr=_contiguous(cu_seqlens),
+        u_ptr=u, delta_ptr=delta, A_ptr=A.contiguous(), B_ptr=B, C_ptr=C, D_ptr=contiguous(D), z_ptr=z,
+        delta_bias_ptr=contiguous(delta_bias), initial_state_ptr=contiguous(initial_state),
+        cu_seqlens_ptr=contiguous(cu_seqlens),
         out_ptr=out, last_state_ptr=last_state, chunk_states_ptr=chunk_states,
         dim=dim, seqlen=seqlen, d_state=N, dim_per_group=dim // groups, saved_per_row=geo.n_saved,
-        stride_u_b=u.stride(0), stride_u_d=u.stride(1), stride_delta_b=delta.stride(0),
-        stride_delta_d=delta.stride(1), **dict(zip(("stride_z_b", "stride_z_d"), _row_strides(z))),
-        **dict(zip(("stride_B_b", "stride_B_g", "stride_B_n"), _state_matrix_strides(B))),
-        **dict(zip(("stride_C_b", "stride_C_g", "stride_C_n"), _state_matrix_strides(C))),
-        dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale,
-        DELTA_SOFTPLUS=delta_softplus, BLOCK_N=geo.block_n, CH=geo.channels_fwd, LANES=geo.lanes,
+        **_input_strides(u=u, delta=delta, z=z, B=B, C=C),
+        **config.multipliers,
+        DELTA_SOFTPLUS=config.delta_softplus, BLOCK_N=geo.block_n, CH=geo.channels_fwd, LANES=geo.lanes,
         ITEMS=geo.items_fwd, VEC=geo.vec,
         SAVE_LANES=geo.state_chunk // geo.items_fwd, EVEN=geo.even_fwd, FAST_MATH=geo.fast_math,
         num_warps=geo.num_warps,
@@ -965,10 +890,12 @@ def selective_scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, initial_state
     return out, last_state, chunk_states
 
 
-def selective_scan_bwd_triton(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states,
-                              groups: int, delta_softplus: bool, dt_scale: float, b_scale: float,
-                              c_scale: float, deterministic: bool = False, cu_seqlens=None):
-    """Backward from the saved chunk states; same returns as selective_scan_bwd_torch."""
+def selective_scan_bwd_triton(dout, dlast_state, u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
+                              chunk_states, config):
+    """Backward from the saved chunk states; same returns as selective_scan_bwd_torch. Variable
+    dB and dC are summed over channels by fp32 atomics, or, under config.deterministic, by the
+    two integer passes of _deterministic_state_grads."""
+    groups, cu_seqlens, deterministic = config.groups, config.cu_seqlens, config.deterministic
     batch, dim, seqlen = u.shape
     N = A.shape[1]
     dout, u, delta, z = (_time_contiguous(t) for t in (dout, u, delta, z))
@@ -985,25 +912,18 @@ def selective_scan_bwd_triton(dout, dlast_state, u, delta, A, B, C, D, z, delta_
     dD = None if D is None else new_buffer(rows, dim, **f32)
     ddelta_bias = None if delta_bias is None else new_buffer(rows, dim, **f32)
 
-    dpg = dim // groups
-    headroom = (dpg - 1).bit_length() + 1  # 2^(headroom - 1) >= the channels summed per element
-
     def launch(reduce, dB_target, dC_target, dB_scale=None, dC_scale=None):
         selective_scan_bwd_kernel[(dim // geo.channels_bwd, rows)](
-            dout_ptr=dout, dlast_state_ptr=_contiguous(dlast_state), u_ptr=u, delta_ptr=delta, A_ptr=A.contiguous(),
-            B_ptr=B, C_ptr=C, D_ptr=_contiguous(D), z_ptr=z, delta_bias_ptr=_contiguous(delta_bias),
-            chunk_states_ptr=chunk_states, cu_seqlens_ptr=_contiguous(cu_seqlens),
+            dout_ptr=dout, dlast_state_ptr=contiguous(dlast_state), u_ptr=u, delta_ptr=delta, A_ptr=A.contiguous(),
+            B_ptr=B, C_ptr=C, D_ptr=contiguous(D), z_ptr=z, delta_bias_ptr=contiguous(delta_bias),
+            chunk_states_ptr=chunk_states, cu_seqlens_ptr=contiguous(cu_seqlens),
             du_ptr=du, ddelta_ptr=ddelta, dz_ptr=dz, dA_ptr=dA, dB_ptr=dB_target, dC_ptr=dC_target, dD_ptr=dD,
             ddelta_bias_ptr=ddelta_bias, dinitial_state_ptr=dinitial_state,
             dB_scale_ptr=dB_scale, dC_scale_ptr=dC_scale,
-            dim=dim, seqlen=seqlen, d_state=N, dim_per_group=dpg, saved_per_row=geo.n_saved,
-            stride_dout_b=dout.stride(0), stride_dout_d=dout.stride(1), stride_u_b=u.stride(0),
-            stride_u_d=u.stride(1), stride_delta_b=delta.stride(0), stride_delta_d=delta.stride(1),
-            **dict(zip(("stride_z_b", "stride_z_d"), _row_strides(z))),
-            **dict(zip(("stride_B_b", "stride_B_g", "stride_B_n"), _state_matrix_strides(B))),
-            **dict(zip(("stride_C_b", "stride_C_g", "stride_C_n"), _state_matrix_strides(C))),
-            dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale,
-            DELTA_SOFTPLUS=delta_softplus, BLOCK_N=geo.block_n, CH=geo.channels_bwd, LANES=geo.lanes,
+            dim=dim, seqlen=seqlen, d_state=N, dim_per_group=dim // groups, saved_per_row=geo.n_saved,
+            **_input_strides(dout=dout, u=u, delta=delta, z=z, B=B, C=C),
+            **config.multipliers,
+            DELTA_SOFTPLUS=config.delta_softplus, BLOCK_N=geo.block_n, CH=geo.channels_bwd, LANES=geo.lanes,
             ITEMS=geo.items_bwd, VEC=geo.vec,
             EVEN=geo.even_bwd, FAST_MATH=geo.fast_math, REDUCE=reduce, num_warps=geo.num_warps,
         )
@@ -1014,17 +934,8 @@ def selective_scan_bwd_triton(dout, dlast_state, u, delta, A, B, C, D, z, delta_
     # fixed dB, dC: per-row partials (rows, dim, N), summed below
     dB_fixed, dC_fixed = (new_buffer(rows, dim, N, **f32) if X.dim() == 2 else None for X in (B, C))
     if deterministic and (B.dim() == 4 or C.dim() == 4):
-        # Two passes with integer reductions. The int64 sums are the only extra memory (8 bytes per
-        # element of variable dB and dC); the int32 bounds become the scales, then the results.
-        bounds = [channel_sum_buffer(X, torch.int32) for X in (B, C)]
-        launch(REDUCE_BOUND, *bounds)
-        scales = [None if b is None else _fixed_point_scales(b, headroom) for b in bounds]
-        sums = [channel_sum_buffer(X, torch.int64) for X in (B, C)]
-        launch(REDUCE_FIXED, dB_fixed if sums[0] is None else sums[0], dC_fixed if sums[1] is None else sums[1],
-               *scales)
-        dB, dC = (fixed if total is None else _fixed_point_to_float(total, scale)
-                  for fixed, total, scale in zip((dB_fixed, dC_fixed), sums, scales))
-    else:
+        dB, dC = _deterministic_state_grads(launch, channel_sum_buffer, (B, C), (dB_fixed, dC_fixed), dim // groups)
+    else:  # REDUCE_ATOMIC: one pass
         dB = dB_fixed if dB_fixed is not None else channel_sum_buffer(B, torch.float32)
         dC = dC_fixed if dC_fixed is not None else channel_sum_buffer(C, torch.float32)
         launch(REDUCE_ATOMIC, dB, dC)
@@ -1034,6 +945,22 @@ def selective_scan_bwd_triton(dout, dlast_state, u, delta, A, B, C, D, z, delta_
     return (du, ddelta, dA.sum(0).to(A.dtype), state_matrix_result(dB, B, B_dtype), state_matrix_result(dC, C, C_dtype),
             None if D is None else dD.sum(0).to(D.dtype), dz,
             None if delta_bias is None else ddelta_bias.sum(0).to(delta_bias.dtype), dinitial_state)
+
+
+def _deterministic_state_grads(launch, channel_sum_buffer, state_matrices, fixed_partials, dim_per_group):
+    """(dB, dC) from two backward passes whose channel sums are integer atomics (their order does
+    not change the result): REDUCE_BOUND finds every element's largest |term|, which becomes its
+    fixed-point scale; REDUCE_FIXED adds the scaled terms as int64, turned back into fp32 here.
+    The int64 sums are the only extra memory (8 bytes per element of variable dB and dC); the
+    int32 bounds become the scales, then the results. A fixed B or C keeps its per-row partials."""
+    headroom = (dim_per_group - 1).bit_length() + 1  # 2^(headroom - 1) >= the channels summed per element
+    bounds = [channel_sum_buffer(X, torch.int32) for X in state_matrices]
+    launch(REDUCE_BOUND, *bounds)
+    scales = [None if b is None else _fixed_point_scales(b, headroom) for b in bounds]
+    sums = [channel_sum_buffer(X, torch.int64) for X in state_matrices]
+    launch(REDUCE_FIXED, *(fixed if total is None else total for fixed, total in zip(fixed_partials, sums)), *scales)
+    return tuple(fixed if total is None else _fixed_point_to_float(total, scale)
+                 for fixed, total, scale in zip(fixed_partials, sums, scales))
 
 
 def _fixed_point_scales(bound, headroom, block=1024):

@@ -85,14 +85,14 @@ class _Layout:
         dt = torch.where(pre <= 20.0, torch.log1p(torch.exp(torch.clamp(pre, max=20.0))), pre)
         return dt, torch.where(pre <= 20.0, torch.sigmoid(pre), torch.ones_like(pre))
 
-    def chunk_scan(self, h_in, t0, t1, softplus: bool, dt_scale: float, b_scale: float, c_scale: float):
+    def chunk_scan(self, h_in, t0, t1, config):
         """Steps t0..t1-1 of the recurrence from the state h_in (batch, G, dpg, N) entering them;
         the forward runs it, the backward recomputes it. Returns u, dt, d dt/d(pre-activation),
         B and C times their multipliers, a and the states after each step (..., N, T)."""
         u_c = self.chunk(self.u, t0, t1)
-        dt, dsoftplus = self.dt(self.chunk(self.delta, t0, t1), softplus, dt_scale)
-        Bs = self.state_matrix_chunk(self.B, self.B_fixed, t0, t1) * b_scale
-        Cs = self.state_matrix_chunk(self.C, self.C_fixed, t0, t1) * c_scale
+        dt, dsoftplus = self.dt(self.chunk(self.delta, t0, t1), config.delta_softplus, config.dt_scale)
+        Bs = self.state_matrix_chunk(self.B, self.B_fixed, t0, t1) * config.b_scale
+        Cs = self.state_matrix_chunk(self.C, self.C_fixed, t0, t1) * config.c_scale
         a = torch.exp(dt.unsqueeze(-2) * self.A)
         x = (dt * u_c).unsqueeze(-2) * Bs
         # h_in enters through the first step (h_0 = a_0 h_in + x_0), never times a chunk-long product
@@ -100,13 +100,14 @@ class _Layout:
         return u_c, dt, dsoftplus, Bs, Cs, a, linear_scan(a, x_in)
 
 
-def selective_scan_fwd_torch(u, delta, A, B, C, D, z, delta_bias, initial_state, groups: int,
-                             delta_softplus: bool, dt_scale: float, b_scale: float, c_scale: float,
-                             chunk_size: int = CHUNK_SIZE, cu_seqlens=None):
-    """Forward. B, C as returned by check_inputs. Returns (out, last_state, chunk_states)."""
-    if cu_seqlens is not None:
-        return _packed_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus, dt_scale,
-                           b_scale, c_scale, chunk_size, cu_seqlens)
+def selective_scan_fwd_torch(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, initial_state=None, config,
+                             chunk_size: int = CHUNK_SIZE):
+    """Forward. B, C as returned by check_inputs; config a ScanConfig. Returns (out, last_state,
+    chunk_states)."""
+    if config.cu_seqlens is not None:
+        return _packed_fwd(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
+                           config=config, chunk_size=chunk_size)
+    groups = config.groups
     acc = compute_dtype(u, A, B, C, initial_state)
     lay = _Layout(u, delta, A, B, C, D, z, delta_bias, groups, acc)
     batch, dim, seqlen, N = lay.batch, lay.dim, lay.seqlen, lay.d_state
@@ -119,7 +120,7 @@ def selective_scan_fwd_torch(u, delta, A, B, C, D, z, delta_bias, initial_state,
     for c in range(n_chunks):
         t0, t1 = c * chunk_size, min((c + 1) * chunk_size, seqlen)
         states[:, :, c] = h.reshape(batch, dim, N)
-        u_c, _, _, _, Cs, _, hs = lay.chunk_scan(h, t0, t1, delta_softplus, dt_scale, b_scale, c_scale)
+        u_c, _, _, _, Cs, _, hs = lay.chunk_scan(h, t0, t1, config)
         y = (hs * Cs).sum(-2)
         if lay.D is not None:
             y = y + lay.D * u_c
@@ -132,19 +133,19 @@ def selective_scan_fwd_torch(u, delta, A, B, C, D, z, delta_bias, initial_state,
     return out, last_state, states
 
 
-def selective_scan_bwd_torch(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states,
-                             groups: int, delta_softplus: bool, dt_scale: float, b_scale: float,
-                             c_scale: float, chunk_size: int = CHUNK_SIZE, deterministic: bool = True,
-                             cu_seqlens=None):
-    """Backward from the saved chunk states. Always deterministic: no atomics, fixed-order sums.
+def selective_scan_bwd_torch(dout, dlast_state, u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
+                             chunk_states, config, chunk_size: int = CHUNK_SIZE):
+    """Backward from the saved chunk states. Always deterministic: no atomics, fixed-order sums
+    (config.deterministic changes nothing here).
 
     Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); dD, dz and
     ddelta_bias are None when D, z or delta_bias is None. dB and dC have the shapes of B and C
     as given here ((dim, N) or (batch, G, N, L)).
     """
-    if cu_seqlens is not None:
-        return _packed_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups,
-                           delta_softplus, dt_scale, b_scale, c_scale, chunk_size, cu_seqlens)
+    if config.cu_seqlens is not None:
+        return _packed_bwd(dout, dlast_state, u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                           chunk_states=chunk_states, config=config, chunk_size=chunk_size)
+    groups, b_scale, c_scale = config.groups, config.b_scale, config.c_scale
     acc = chunk_states.dtype
     lay = _Layout(u, delta, A, B, C, D, z, delta_bias, groups, acc)
     batch, dim, seqlen, N = lay.batch, lay.dim, lay.seqlen, lay.d_state
@@ -175,8 +176,7 @@ def selective_scan_bwd_torch(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
     for c in reversed(range(n_chunks)):
         t0, t1 = c * chunk_size, min((c + 1) * chunk_size, seqlen)
         h_in = chunk_states[:, :, c].reshape(batch, groups, dpg, N)
-        u_c, dt, dsoftplus, Bs, Cs, a, hs = lay.chunk_scan(h_in, t0, t1, delta_softplus, dt_scale, b_scale,
-                                                              c_scale)
+        u_c, dt, dsoftplus, Bs, Cs, a, hs = lay.chunk_scan(h_in, t0, t1, config)
         # Gating: out = y * silu(z).
         dout_c = dout[..., t0:t1].to(acc)
         if lay.z is not None:
@@ -205,7 +205,7 @@ def selective_scan_bwd_torch(dout, dlast_state, u, delta, A, B, C, D, z, delta_b
         d_dt = (g * (Bs * u_c.unsqueeze(-2) + decayed * lay.A)).sum(-2)
         dA += (g * decayed * dt.unsqueeze(-2)).sum(dim=(0, -1))
         d_pre = d_dt if dsoftplus is None else d_dt * dsoftplus
-        ddelta[..., t0:t1] = (d_pre * dt_scale).to(ddelta.dtype)
+        ddelta[..., t0:t1] = (d_pre * config.dt_scale).to(ddelta.dtype)
         if dbias is not None:
             dbias += d_pre.sum(dim=(0, -1))
         dh = g[..., 0] * a[..., 0]  # dL/dh entering this chunk
@@ -237,12 +237,12 @@ def _slice(t, a, b):
     return t if t is None or t.dim() < 3 else t[..., a:b]
 
 
-def _packed_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus, dt_scale, b_scale,
-                c_scale, chunk_size, cu_seqlens):
+def _packed_fwd(u, delta, A, B, C, *, D, z, delta_bias, initial_state, config, chunk_size):
+    one = config.replace(cu_seqlens=None)  # each sequence runs as a batch of one
     acc = compute_dtype(u, A, B, C, initial_state)
     _, dim, seqlen = u.shape
     N = A.shape[1]
-    seqs = _sequences(cu_seqlens, chunk_size)
+    seqs = _sequences(config.cu_seqlens, chunk_size)
     out = new_buffer(1, dim, seqlen, dtype=u.dtype, device=u.device)
     last_state = new_buffer(len(seqs), dim, N, dtype=acc, device=u.device)
     # zeros: the slots between sequences are never written, and the op returns every slot
@@ -253,17 +253,17 @@ def _packed_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delt
             last_state[s] = 0.0 if h0 is None else h0[0]
             continue
         out_s, last_s, states_s = selective_scan_fwd_torch(
-            *(_slice(t, a, b) for t in (u, delta)), A, *(_slice(t, a, b) for t in (B, C)), D, _slice(z, a, b),
-            delta_bias, h0, groups, delta_softplus, dt_scale, b_scale, c_scale, chunk_size)
+            *(_slice(t, a, b) for t in (u, delta)), A, *(_slice(t, a, b) for t in (B, C)), D=D, z=_slice(z, a, b),
+            delta_bias=delta_bias, initial_state=h0, config=one, chunk_size=chunk_size)
         out[..., a:b] = out_s
         last_state[s] = last_s[0]
         states[:, :, slot:slot + n] = states_s
     return out, last_state, states
 
 
-def _packed_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups, delta_softplus,
-                dt_scale, b_scale, c_scale, chunk_size, cu_seqlens):
-    seqs = _sequences(cu_seqlens, chunk_size)
+def _packed_bwd(dout, dlast_state, u, delta, A, B, C, *, D, z, delta_bias, chunk_states, config, chunk_size):
+    one = config.replace(cu_seqlens=None)
+    seqs = _sequences(config.cu_seqlens, chunk_size)
     acc = chunk_states.dtype
     _, dim, seqlen = u.shape
     N = A.shape[1]
@@ -281,9 +281,9 @@ def _packed_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_st
             dh0[s] = 0.0 if dlast is None else dlast[0]
             continue
         g = selective_scan_bwd_torch(
-            dout[..., a:b], dlast, *(_slice(t, a, b) for t in (u, delta)), A, *(_slice(t, a, b) for t in (B, C)), D,
-            _slice(z, a, b), delta_bias, chunk_states[:, :, slot:slot + n], groups, delta_softplus, dt_scale,
-            b_scale, c_scale, chunk_size)
+            dout[..., a:b], dlast, *(_slice(t, a, b) for t in (u, delta)), A, *(_slice(t, a, b) for t in (B, C)),
+            D=D, z=_slice(z, a, b), delta_bias=delta_bias, chunk_states=chunk_states[:, :, slot:slot + n],
+            config=one, chunk_size=chunk_size)
         du[..., a:b], ddelta[..., a:b] = g[0], g[1]
         dA += g[2]
         for total, part, X in ((dB, g[3], B), (dC, g[4], C)):

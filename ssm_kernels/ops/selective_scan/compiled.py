@@ -87,10 +87,10 @@ class _Inputs:
         self.bias = None if delta_bias is None else delta_bias.to(acc).contiguous()
         self.seqs = _sequence_table(batch, seqlen, cu_seqlens, chunk)
 
-    def common(self, groups, softplus, dt_scale, b_scale, c_scale, chunk):
+    def common(self, config, chunk):
         return dict(u=self.u, delta=self.delta, A=self.A, B=self.B, C=self.C, D=self.D, z=self.z,
-                    delta_bias=self.bias, seqs=self.seqs, groups=groups, chunk=chunk, softplus=bool(softplus),
-                    dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale)
+                    delta_bias=self.bias, seqs=self.seqs, groups=config.groups, chunk=chunk,
+                    softplus=bool(config.delta_softplus), **config.multipliers)
 
 
 def _sequence_table(batch, seqlen, cu_seqlens, chunk):
@@ -109,10 +109,11 @@ def _n_slots(seqlen, cu_seqlens, chunk):
     return -(-seqlen // chunk) + (0 if cu_seqlens is None else cu_seqlens.shape[0] - 1)
 
 
-def selective_scan_fwd_cpp(u, delta, A, B, C, D, z, delta_bias, initial_state, groups: int, delta_softplus: bool,
-                           dt_scale: float, b_scale: float, c_scale: float, chunk_size: int = CHUNK_SIZE,
-                           cu_seqlens=None):
-    """Forward. B, C as returned by check_inputs. Returns (out, last_state, chunk_states)."""
+def selective_scan_fwd_cpp(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, initial_state=None, config,
+                           chunk_size: int = CHUNK_SIZE):
+    """Forward. B, C as returned by check_inputs; config a ScanConfig. Returns (out, last_state,
+    chunk_states)."""
+    cu_seqlens = config.cu_seqlens
     acc = compute_dtype(u, A, B, C, initial_state)
     batch, dim, seqlen = u.shape
     x = _Inputs(u, delta, A, B, C, D, z, delta_bias, acc, cu_seqlens, chunk_size)
@@ -123,16 +124,16 @@ def selective_scan_fwd_cpp(u, delta, A, B, C, D, z, delta_bias, initial_state, g
     states = (new_buffer if cu_seqlens is None else torch.zeros)(batch, dim, _n_slots(seqlen, cu_seqlens, chunk_size),
                                                                   x.N, dtype=acc, device=u.device)
     h0 = None if initial_state is None else initial_state.to(acc).contiguous()
-    _ext().cpu_forward(**x.common(groups, delta_softplus, dt_scale, b_scale, c_scale, chunk_size),
+    _ext().cpu_forward(**x.common(config, chunk_size),
                        initial_state=h0, out=out, last_state=last_state, states=states)
     return out.to(u.dtype), last_state, states
 
 
-def selective_scan_bwd_cpp(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups: int,
-                           delta_softplus: bool, dt_scale: float, b_scale: float, c_scale: float,
-                           chunk_size: int = CHUNK_SIZE, deterministic: bool = True, cu_seqlens=None):
+def selective_scan_bwd_cpp(dout, dlast_state, u, delta, A, B, C, *, D=None, z=None, delta_bias=None, chunk_states,
+                           config, chunk_size: int = CHUNK_SIZE):
     """Backward from the saved chunk states; always deterministic (partials summed in a fixed
     order). Same returns as selective_scan_bwd_torch."""
+    cu_seqlens, groups = config.cu_seqlens, config.groups
     acc = chunk_states.dtype
     batch, dim, seqlen = u.shape
     x = _Inputs(u, delta, A, B, C, D, z, delta_bias, acc, cu_seqlens, chunk_size)
@@ -151,7 +152,7 @@ def selective_scan_bwd_cpp(dout, dlast_state, u, delta, A, B, C, D, z, delta_bia
                  dC=state_grad(C), dD=None if D is None else buf(rows, dim),
                  ddelta_bias=None if delta_bias is None else buf(rows, dim), dinitial_state=buf(rows, dim, N))
     dlast = None if dlast_state is None else dlast_state.to(acc).contiguous()
-    _ext().cpu_backward(**x.common(groups, delta_softplus, dt_scale, b_scale, c_scale, chunk_size),
+    _ext().cpu_backward(**x.common(config, chunk_size),
                         states=chunk_states.contiguous(), dout=dout.to(acc).contiguous(), dlast_state=dlast,
                         block=block, **grads)
 

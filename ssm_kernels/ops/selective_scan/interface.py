@@ -12,8 +12,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .backends import BACKENDS, resolve_backend
-from .checks import check_cu_seqlens, check_inputs, check_multiplier, state_rows
+from .backends import BACKENDS, check_backend_limits, resolve_backend
+from .checks import check_cu_seqlens, check_inputs, check_multipliers, state_rows
+from .config import ScanConfig
 from .naive import selective_scan_ref
 
 DETERMINISTIC_ENV = "SSM_KERNELS_DETERMINISTIC"
@@ -25,6 +26,23 @@ def deterministic_mode() -> bool:
     return flag or torch.are_deterministic_algorithms_enabled()
 
 
+# The ops take the ScanConfig's fields one by one (a custom op's arguments are tensors and
+# scalars); each op builds the config back at once and passes it on by keyword. The forward op has
+# no `deterministic`: the forward does not depend on it, and the autograd context records it.
+
+def _op_config(groups, delta_softplus, dt_scale, b_scale, c_scale, backend, deterministic, cu_seqlens) -> ScanConfig:
+    return ScanConfig(groups=groups, delta_softplus=delta_softplus, dt_scale=dt_scale, b_scale=b_scale,
+                      c_scale=c_scale, backend=backend, deterministic=deterministic, cu_seqlens=cu_seqlens)
+
+
+def _op_fields(config: ScanConfig, forward: bool = False) -> dict:
+    fields = dict(groups=config.groups, delta_softplus=config.delta_softplus, **config.multipliers,
+                  backend=config.backend, deterministic=config.deterministic, cu_seqlens=config.cu_seqlens)
+    if forward:
+        del fields["deterministic"]
+    return fields
+
+
 @torch.library.custom_op("ssm_kernels::selective_scan_fwd", mutates_args=())
 def selective_scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                           z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
@@ -32,8 +50,9 @@ def selective_scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
                           backend: str, cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (out, last_state, chunk_states); chunk_states[:, :, c] is the state entering chunk c
     (with cu_seqlens, sequence s's first chunk is at c = cu_seqlens[s] // chunk + s)."""
-    return BACKENDS[backend].forward(u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus,
-                                     dt_scale, b_scale, c_scale, cu_seqlens=cu_seqlens)
+    config = _op_config(groups, delta_softplus, dt_scale, b_scale, c_scale, backend, False, cu_seqlens)
+    return BACKENDS[backend].forward(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
+                                     config=config)
 
 
 @selective_scan_fwd_op.register_fake
@@ -58,12 +77,13 @@ def selective_scan_bwd_op(dout: Tensor, dlast_state: Optional[Tensor], u: Tensor
                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); the gradient of an
     absent optional input is an empty tensor (custom ops cannot return None)."""
-    grads = BACKENDS[backend].backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups,
-                                       delta_softplus, dt_scale, b_scale, c_scale, deterministic=deterministic,
-                                       cu_seqlens=cu_seqlens)
+    config = _op_config(groups, delta_softplus, dt_scale, b_scale, c_scale, backend, deterministic, cu_seqlens)
+    optional = dict(D=D, z=z, delta_bias=delta_bias)
+    grads = BACKENDS[backend].backward(dout, dlast_state, u, delta, A, B, C, **optional, chunk_states=chunk_states,
+                                       config=config)
     if chunk_states.dtype == torch.float32 and not _all_finite(grads):
-        grads = _float64_backward(grads, dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups,
-                                  delta_softplus, dt_scale, b_scale, c_scale, backend, cu_seqlens)
+        grads = _float64_backward(grads, dout, dlast_state, u, delta, A, B, C, **optional,
+                                  chunk_states=chunk_states, config=config)
     return tuple(u.new_empty(0) if g is None else g for g in grads)
 
 
@@ -75,8 +95,7 @@ def _all_finite(grads) -> bool:
     return bool(torch.stack([torch.isfinite(g).all() for g in present]).all())
 
 
-def _float64_backward(grads, dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups,
-                      delta_softplus, dt_scale, b_scale, c_scale, backend, cu_seqlens):
+def _float64_backward(grads, dout, dlast_state, u, delta, A, B, C, *, D, z, delta_bias, chunk_states, config):
     """The gradients again, in float64 on the "torch" backend, from the state entering each row
     (its first saved slot), cast back to `grads`' dtypes. Only when an fp32 backward gave a
     non-finite value: a growing scan (A > 0, or dt < 0 without softplus) can overflow its fp32
@@ -84,19 +103,20 @@ def _float64_backward(grads, dout, dlast_state, u, delta, A, B, C, D, z, delta_b
     dt; a huge adjoint times a tiny state), and then this gives what the float64 reference gives.
     Where the gradient itself overflows fp32, the cast gives inf, as it should."""
     from .chunk_torch import _sequences, selective_scan_bwd_torch, selective_scan_fwd_torch
-    if cu_seqlens is None:
+    if config.cu_seqlens is None:
         h0 = chunk_states[:, :, 0]
     else:  # each sequence's first slot, at the spacing of the backend that saved the states
-        seqs = _sequences(cu_seqlens, BACKENDS[backend].chunk_size(u.shape[2], u.device))
+        seqs = _sequences(config.cu_seqlens, BACKENDS[config.backend].chunk_size(u.shape[2], u.device))
         h0 = chunk_states[0, :, [slot for _, _, _, slot, _ in seqs]].transpose(0, 1)
 
     def f64(t):
         return None if t is None else t.to(torch.float64)
-    inputs = [f64(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
-    _, _, states = selective_scan_fwd_torch(*inputs, f64(h0), groups, delta_softplus, dt_scale, b_scale, c_scale,
-                                            cu_seqlens=cu_seqlens)
-    exact = selective_scan_bwd_torch(f64(dout), f64(dlast_state), *inputs, states, groups, delta_softplus, dt_scale,
-                                     b_scale, c_scale, cu_seqlens=cu_seqlens)
+    u, delta, A, B, C = (f64(t) for t in (u, delta, A, B, C))
+    optional = dict(D=f64(D), z=f64(z), delta_bias=f64(delta_bias))
+    torch_config = config.replace(backend="torch")
+    _, _, states = selective_scan_fwd_torch(u, delta, A, B, C, **optional, initial_state=f64(h0), config=torch_config)
+    exact = selective_scan_bwd_torch(f64(dout), f64(dlast_state), u, delta, A, B, C, **optional, chunk_states=states,
+                                     config=torch_config)
     return tuple(None if g is None else e.to(g.dtype) for g, e in zip(grads, exact))
 
 
@@ -112,24 +132,22 @@ def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, grou
 
 
 def _setup_context(ctx, inputs, output):
-    (u, delta, A, B, C, D, z, delta_bias, initial_state, groups, delta_softplus, dt_scale, b_scale, c_scale,
-     backend, cu_seqlens) = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2], cu_seqlens)
-    ctx.config = (groups, delta_softplus, dt_scale, b_scale, c_scale, backend)
+    u, delta, A, B, C, D, z, delta_bias, initial_state, *fields, cu_seqlens = inputs
+    config = _op_config(*fields, deterministic_mode(), cu_seqlens)
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2], config.cu_seqlens)
+    ctx.config = config.replace(cu_seqlens=None)  # the saved tensor goes back in at the backward
     ctx.has_initial_state = initial_state is not None
-    ctx.deterministic = deterministic_mode()
 
 
 def _backward(ctx, dout, dlast_state, _dchunk_states):
     u, delta, A, B, C, D, z, delta_bias, chunk_states, cu_seqlens = ctx.saved_tensors
-    groups, delta_softplus, dt_scale, b_scale, c_scale, backend = ctx.config
+    config = ctx.config.replace(cu_seqlens=cu_seqlens)
     du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = selective_scan_bwd_op(
-        dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, groups, delta_softplus,
-        dt_scale, b_scale, c_scale, backend, ctx.deterministic, cu_seqlens)
-    return (du, ddelta, dA, dB, dC,
-            None if D is None else dD, None if z is None else dz, None if delta_bias is None else dbias,
-            dh0 if ctx.has_initial_state else None,
-            None, None, None, None, None, None, None)
+        dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, **_op_fields(config))
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    grads = (du, ddelta, dA, dB, dC, dD, dz, dbias)
+    return (*(None if t is None else g for t, g in zip(inputs, grads)), dh0 if ctx.has_initial_state else None,
+            *(None,) * len(_op_fields(config, forward=True)))
 
 
 torch.library.register_autograd("ssm_kernels::selective_scan_fwd", _backward, setup_context=_setup_context)
@@ -158,7 +176,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         dt_scale, b_scale, c_scale: width-dependent multipliers (keyword-only; Python floats or
             0-dim tensors), applied inside the recurrence. 1.0 gives the plain scan.
         initial_state: (batch, dim, N), optional; gradients flow into it.
-        backend: "triton", "torch", "cpp" (the compiled CPU kernels of csrc/, when built) or "ref";
+        backend: a name in the registry (ops/selective_scan/backends.py): "triton", "torch", "cpp"
+            (the compiled CPU kernels of csrc/, when built) or "ref";
             default $SSM_KERNELS_BACKEND, else "triton" for CUDA tensors, "cpp" for CPU tensors when
             the extension is built, and "torch" otherwise.
         cu_seqlens: packed variable-length sequences (flash-linear-attention's convention): u, delta,
@@ -174,24 +193,25 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     backend = resolve_backend(backend, u)
     num_seqs = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, u)
     if BACKENDS[backend].forward is None:  # "ref": the sequential loop, differentiated by autograd
-        kwargs = dict(dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale)
+        call = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, initial_state=initial_state,
+                    **check_multipliers(dt_scale, b_scale, c_scale))
         if cu_seqlens is None:
-            return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                      initial_state=initial_state, **kwargs)
-        return _packed_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state,
-                           cu_seqlens, num_seqs, kwargs)
-    B, C, groups = check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, backend=backend,
-                                state_rows=num_seqs)
-    scales = [check_multiplier(name, value) for name, value in
-              (("dt_scale", dt_scale), ("b_scale", b_scale), ("c_scale", c_scale))]
-    out, last_state, _ = selective_scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state, groups,
-                                               bool(delta_softplus), *scales, backend, cu_seqlens)
+            return selective_scan_ref(u, delta, A, B, C, return_last_state=return_last_state, **call)
+        out, last_state = _packed_ref(u, delta, A, B, C, cu_seqlens=cu_seqlens, num_seqs=num_seqs, **call)
+        return (out, last_state) if return_last_state else out
+    B, C, groups = check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, state_rows=num_seqs)
+    check_backend_limits(backend, A.shape[1], dict(u=u, A=A, B=B, C=C, D=D, delta_bias=delta_bias,
+                                                   initial_state=initial_state))
+    config = ScanConfig(groups=groups, delta_softplus=bool(delta_softplus), backend=backend, cu_seqlens=cu_seqlens,
+                        **check_multipliers(dt_scale, b_scale, c_scale))
+    out, last_state, _ = selective_scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                               **_op_fields(config, forward=True))
     return (out, last_state) if return_last_state else out
 
 
-def _packed_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, cu_seqlens,
-                num_seqs, kwargs):
-    """The reference on packed sequences: one sequential scan per sequence."""
+def _packed_ref(u, delta, A, B, C, *, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, num_seqs,
+                **multipliers):
+    """(out, last_state) of the reference on packed sequences: one sequential scan per sequence."""
     check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, state_rows=num_seqs)
     bounds = cu_seqlens.tolist()
     outs, lasts = [], []
@@ -205,10 +225,10 @@ def _packed_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last
 
         def cut(t):
             return t if t is None or t.dim() < 3 else t[..., a:b]
-        out_s, last_s = selective_scan_ref(cut(u), cut(delta), A, cut(B), cut(C), D, cut(z), delta_bias,
-                                           delta_softplus, True, initial_state=h0, **kwargs)
+        out_s, last_s = selective_scan_ref(cut(u), cut(delta), A, cut(B), cut(C), D=D, z=cut(z),
+                                           delta_bias=delta_bias, delta_softplus=delta_softplus,
+                                           return_last_state=True, initial_state=h0, **multipliers)
         outs.append(out_s)
         lasts.append(last_s)
     out = torch.cat(outs, dim=-1) if outs else u.new_empty(u.shape)
-    last_state = torch.cat(lasts, dim=0)
-    return (out, last_state) if return_last_state else out
+    return out, torch.cat(lasts, dim=0)

@@ -6,7 +6,7 @@ One step at a time, differentiable by autograd, any float dtype (float64 include
 import torch
 import torch.nn.functional as F
 
-from .checks import check_inputs, check_multiplier
+from .checks import check_inputs, check_multipliers
 
 
 def expand_state_matrix(X: torch.Tensor, dim: int) -> torch.Tensor:
@@ -36,9 +36,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     dtype and `last_state` (batch, dim, N) in the compute dtype.
     """
     B, C, _ = check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    dt_scale = check_multiplier("dt_scale", dt_scale)
-    b_scale = check_multiplier("b_scale", b_scale)
-    c_scale = check_multiplier("c_scale", c_scale)
+    dt_scale, b_scale, c_scale = check_multipliers(dt_scale, b_scale, c_scale).values()
     tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias, initial_state) if t is not None]
     acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     batch, dim, seqlen = u.shape

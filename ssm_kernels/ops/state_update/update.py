@@ -7,13 +7,13 @@ b_scale on B, c_scale on C), so decoding token by token continues a prefill exac
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..selective_scan.backends import resolve_backend
-from ..selective_scan.checks import ALL_DTYPES, IO_DTYPES, check_multiplier
-from ..selective_scan.naive import discretize_dt
+from ..selective_scan.backends import BACKENDS, resolve_backend
+from ..selective_scan.checks import ALL_DTYPES, check_multipliers
+from ..selective_scan.config import ScanConfig
 from ..utils import new_buffer
+
 
 def _check(name: str, t, shape: tuple, device, dtypes=ALL_DTYPES):
     if not isinstance(t, Tensor):
@@ -58,38 +58,6 @@ def _check_indices(indices, batch: int, cache_rows: int, device) -> Optional[Ten
     return indices.contiguous()
 
 
-def _resolve_backend(backend: Optional[str], x: Tensor) -> str:
-    """The scan's backend choice; "ref" and "cpp" run the torch path (one step has no separate
-    reference, and no compiled CPU version: it is a few vector ops)."""
-    name = resolve_backend(backend, x)
-    return "torch" if name in ("ref", "cpp") else name
-
-
-def _state_update_torch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_scale, b_scale, c_scale, indices,
-                        out):
-    acc = torch.float64 if torch.float64 in (state.dtype, x.dtype, A.dtype) else torch.float32
-    batch, dim = x.shape
-    indices = None if indices is None else indices.long()
-    rows = state if indices is None else state.index_select(0, indices)
-    dt = discretize_dt(dt.to(acc)[..., None], None if dt_bias is None else dt_bias.to(acc), dt_softplus,
-                       dt_scale)[..., 0]  # one step of the scan's dt
-
-    def per_channel(X):  # (batch, G, N) -> (batch, dim, N)
-        return X.to(acc).repeat_interleave(dim // X.shape[1], dim=1)
-    xa = x.to(acc)
-    h = torch.exp(dt[..., None] * A.to(acc)) * rows.to(acc) + (dt * xa)[..., None] * (per_channel(B) * b_scale)
-    if indices is None:
-        state.copy_(h)
-    else:
-        state.index_copy_(0, indices, h.to(state.dtype))
-    y = (h * (per_channel(C) * c_scale)).sum(-1)
-    if D is not None:
-        y = y + D.to(acc) * xa
-    if z is not None:
-        y = y * F.silu(z.to(acc))
-    return out.copy_(y)
-
-
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *,
                            dt_scale=1.0, b_scale=1.0, c_scale=1.0, state_batch_indices=None, backend=None):
     """One decoding step, mamba_ssm's `selective_state_update` for Mamba-1 shapes.
@@ -105,20 +73,20 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
             d // (dim // G)); D, dt_bias: (dim,).
         dt_scale, b_scale, c_scale: the width multipliers, as in selective_scan_fn.
         state_batch_indices: (batch,) int32/int64, distinct rows of the state cache.
-        backend: "triton" (default for CUDA tensors) or "torch" (default otherwise; "cpp" and "ref"
-            mean "torch" here).
+        backend: a scan backend (selective_scan_fn's choice and default); each registry entry names
+            its decoding step ("cpp" and "ref" run the "torch" one: a step is a few vector ops).
 
     Returns out (batch, dim) in x's dtype.
     """
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"x: expected (batch, dim), got {tuple(x.shape) if isinstance(x, Tensor) else type(x)}")
     device, (batch, dim) = x.device, x.shape
-    backend = _resolve_backend(backend, x)
+    backend = resolve_backend(backend, x)
     if not isinstance(state, Tensor) or state.dim() != 3:
         raise ValueError(f"state: expected (batch, dim, N), got "
                          f"{tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__}")
     d_state = state.shape[2]
-    dtypes = IO_DTYPES if backend == "triton" else ALL_DTYPES
+    dtypes = BACKENDS[backend].dtypes
     _check("state", state, (state.shape[0], dim, d_state), device, dtypes)
     _check("x", x, (batch, dim), device, dtypes)
     _check("dt", dt, (batch, dim), device, dtypes)
@@ -131,10 +99,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if z is not None:
         _check("z", z, (batch, dim), device, dtypes)
     indices = _check_indices(state_batch_indices, batch, state.shape[0], device)
-    scales = [check_multiplier(name, v) for name, v in (("dt_scale", dt_scale), ("b_scale", b_scale),
-                                                        ("c_scale", c_scale))]
+    config = ScanConfig(groups=B.shape[1], delta_softplus=bool(dt_softplus), backend=backend,
+                        **check_multipliers(dt_scale, b_scale, c_scale))
     out = new_buffer(batch, dim, dtype=x.dtype, device=device)
-    if backend == "torch":
-        return _state_update_torch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, *scales, indices, out)
-    from .kernel import state_update_triton
-    return state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, *scales, indices, out)
+    return BACKENDS[backend].state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, indices=indices, out=out,
+                                          config=config)

@@ -5,50 +5,46 @@ device, compares out and every gradient with the sequential reference computed i
 the same inputs, and times forward and forward+backward.
 """
 
-import statistics
-import time
-
 import torch
 
-from .ops.selective_scan import selective_scan_fn, selective_scan_ref
-from .ops.selective_scan.backends import available_backends
+from ..bench.workload import median_ms
+from ..ops.selective_scan import selective_scan_fn, selective_scan_ref
+from ..ops.selective_scan.backends import CHUNKED_BACKENDS, available_backends
+from ..testing import DTYPES, MULTIPLIERS, TOLERANCE, mamba_like_inputs, relative_error
+from .args import check_backends, default_device, device, positive_int
 
-# Max |x - ref| / max |ref| allowed per input dtype; the tests use the same table.
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-# Multipliers of a model 4x wider than its base under muP-SSM-like scaling: not 1, so the check
-# covers them.
-MULTIPLIERS = dict(dt_scale=0.5, b_scale=2.0, c_scale=0.25)
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| in float64; inf when actual has NaN or inf."""
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    if actual.shape != expected.shape:
-        raise ValueError(f"shape {tuple(actual.shape)} != {tuple(expected.shape)}")
-    if not torch.isfinite(actual).all():
-        return float("inf")
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-6)).item()
+HELP = "backends against the float64 reference (default)"
+IO_DTYPE_NAMES = tuple(name for name in DTYPES if name != "fp64")  # what the kernels take
 
 
-def make_inputs(batch, dim, seqlen, d_state, dtype, device, seed=0):
-    """A Mamba-like call: variable B and C (batch, N, L), D, z, delta_bias, S4D-real A."""
-    g = torch.Generator().manual_seed(seed)
+def add_arguments(parser):
+    parser.add_argument("--widths", type=positive_int, nargs="+", help="d_inner values (default: 64 256 1024 on the "
+                        "CPU, 768 1536 3072 on CUDA)")
+    parser.add_argument("--batch", type=positive_int, default=2)
+    parser.add_argument("--seqlen", type=positive_int, default=256)
+    parser.add_argument("--d-state", type=positive_int, default=16)
+    parser.add_argument("--dtype", choices=IO_DTYPE_NAMES, help="default fp32 on the CPU, bf16 on CUDA")
+    parser.add_argument("--backends", nargs="+", choices=CHUNKED_BACKENDS,
+                        help="default: torch, plus triton on CUDA or under TRITON_INTERPRET=1")
+    parser.add_argument("--device", type=device, help="default cuda when available, else cpu")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed repetitions (median reported)")
 
-    def randn(*shape):
-        return torch.randn(*shape, generator=g)
-    return dict(
-        u=randn(batch, dim, seqlen).to(device, dtype), delta=(0.5 * randn(batch, dim, seqlen)).to(device, dtype),
-        A=-torch.arange(1, d_state + 1, dtype=torch.float32).repeat(dim, 1).to(device),
-        B=randn(batch, d_state, seqlen).to(device, dtype), C=randn(batch, d_state, seqlen).to(device, dtype),
-        D=randn(dim).to(device), z=randn(batch, dim, seqlen).to(device, dtype),
-        delta_bias=(randn(dim) - 4.0).to(device),
-    )
+
+def run(parser, args) -> int:
+    dev = default_device(args.device)
+    check_backends(parser, "--backends", args.backends, dev)
+    on_gpu = dev.type == "cuda"
+    widths = args.widths or ([768, 1536, 3072] if on_gpu else [64, 256, 1024])
+    dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
+    ok = check(widths, batch=args.batch, seqlen=args.seqlen, d_state=args.d_state, dtype=dtype, device=dev,
+               backends=args.backends, repeats=args.repeats)
+    return 0 if ok else 1
 
 
 def _forward_backward(inputs, backend, grad_out, grad_last, backward=True):
+    """out, last_state and every input's gradient on `backend`; None: the sequential reference."""
     leaves = {n: t.detach().requires_grad_(backward) for n, t in inputs.items()}
-    fn = selective_scan_ref if backend == "ref" else selective_scan_fn
+    fn = selective_scan_ref if backend is None else selective_scan_fn
     out, last = fn(*leaves.values(), delta_softplus=True, return_last_state=True, backend=backend, **MULTIPLIERS)
     if not backward:
         return out, last, {}
@@ -56,22 +52,7 @@ def _forward_backward(inputs, backend, grad_out, grad_last, backward=True):
     return out, last, dict(zip(leaves, grads))
 
 
-def median_ms(fn, device, repeats):
-    """Median wall time of fn() in ms after one warm-up call (synchronized on CUDA)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def check(widths, batch, seqlen, d_state, dtype, device, backends=None, repeats=3, print_fn=print):
+def check(widths, *, batch, seqlen, d_state, dtype, device, backends=None, repeats=3, print_fn=print):
     """Prints one row per (width, backend); returns True when every error is within TOLERANCE."""
     backends = backends or available_backends(device)
     tol = TOLERANCE[dtype]
@@ -85,12 +66,12 @@ def check(widths, batch, seqlen, d_state, dtype, device, backends=None, repeats=
     print_fn("-" * len(header))
     all_ok = True
     for dim in widths:
-        inputs = make_inputs(batch, dim, seqlen, d_state, dtype, device)
+        inputs = mamba_like_inputs(batch, dim, seqlen, d_state, dtype, device)
         g = torch.Generator().manual_seed(1)
         grad_out = torch.randn(batch, dim, seqlen, generator=g).to(device, dtype)
         grad_last = torch.randn(batch, dim, d_state, generator=g).to(device)
         ref_inputs = {n: t.double() for n, t in inputs.items()}
-        ref_out, ref_last, ref_grads = _forward_backward(ref_inputs, "ref", grad_out.double(), grad_last.double())
+        ref_out, ref_last, ref_grads = _forward_backward(ref_inputs, None, grad_out.double(), grad_last.double())
         for backend in backends:
             out, last, grads = _forward_backward(inputs, backend, grad_out, grad_last)
             err_out = max(relative_error(out, ref_out), relative_error(last, ref_last))

@@ -22,19 +22,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .distributed import shard_for_next_token
-from .modules import MambaLM
-from .mup import Parameterization, keep_lr_scale
-from .ops.selective_scan.backends import CHUNKED_BACKENDS
+from ..distributed import shard_for_next_token
+from ..modules import MambaLM
+from ..mup import PRESETS, Parameterization
+from ..ops.selective_scan.backends import CHUNKED_BACKENDS
+from .args import check_backends
+from .training import corpus, optimizer_for, random_windows, train_steps
 
-CORPUS_MODULES = ("argparse", "inspect", "typing", "dataclasses", "functools", "pathlib")
-
-
-def corpus(modules=CORPUS_MODULES) -> torch.Tensor:
-    """The bytes of a few standard library modules' source, as int64 tokens."""
-    import importlib
-    data = b"".join(open(importlib.import_module(m).__file__, "rb").read() for m in modules)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+HELP = "a small MambaLM on text; DDP + context parallel under torchrun"
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -45,14 +40,19 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--d-state", type=int, default=16)
-    parser.add_argument("--preset", choices=["sp", "mup", "spectral", "mup_ssm", "mup_ssm_asymptotic"],
-                        default="mup_ssm")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="mup_ssm")
     parser.add_argument("--base-d-model", type=int, default=32, help="the width the lr was tuned at")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--backend", choices=CHUNKED_BACKENDS,
                         help="default triton on CUDA; on the CPU cpp when built, else torch")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def run(parser: argparse.ArgumentParser, args) -> int:
+    check_arguments(parser, args)
+    train(args)
+    return 0
 
 
 def check_arguments(parser: argparse.ArgumentParser, args):
@@ -68,20 +68,11 @@ def check_arguments(parser: argparse.ArgumentParser, args):
     text_length = len(corpus())
     if args.seqlen >= text_length:
         parser.error(f"--seqlen: must be shorter than the training text ({text_length:,} bytes), got {args.seqlen}")
-    from .cli_args import check_backends
     check_backends(parser, "--backend", [args.backend] if args.backend else [], _device())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % args.cp:
         parser.error(f"--cp {args.cp} does not divide the world size {world} (run under torchrun with "
                      "--nproc-per-node a multiple of --cp)")
-
-
-def _warmup_cosine(step: int, steps: int) -> float:
-    """The lr factor: linear warmup over the first tenth of the steps, then a cosine to 0."""
-    warmup = max(1, steps // 10)
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
 def _context_parallel_group(cp: int):
@@ -125,8 +116,7 @@ def train(args) -> dict:
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        opt = keep_lr_scale(torch.optim.AdamW(param.param_groups(wrapped, args.lr, args.weight_decay)))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _warmup_cosine(s, args.steps))
+        opt = optimizer_for(param, wrapped, args.lr, args.weight_decay)
 
         text = corpus()
         tokens_per_step = replicas * args.batch * (args.seqlen - 1)
@@ -136,12 +126,11 @@ def train(args) -> dict:
                   f"{args.batch} x {args.seqlen} tokens per replica; corpus {len(text):,} bytes", flush=True)
         from tqdm import tqdm
         bar = tqdm(range(args.steps), desc="train", unit="step", disable=rank != 0)
-        losses, start = [], time.perf_counter()
-        for step in bar:
+
+        def loss_at(step):
             # the same sequences on the ranks of a CP group, different ones per replica
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + replica)
-            offsets = torch.randint(0, len(text) - args.seqlen, (args.batch,), generator=g)
-            batch = torch.stack([text[o:o + args.seqlen] for o in offsets.tolist()]).to(device)
+            batch = random_windows(text, args.batch, args.seqlen, g).to(device)
             if cp_group is not None:
                 inputs, labels = shard_for_next_token(batch, cp_group)
             else:
@@ -151,15 +140,16 @@ def train(args) -> dict:
                                     reduction="sum")
             # DDP averages gradients over all world ranks; this scaling makes the result the
             # gradient of the mean loss over every token of the step
-            (total * world / tokens_per_step).backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            mean = total.detach()
+            return total * world / tokens_per_step
+
+        def mean_over_ranks(loss):  # the mean loss over every token of the step, on every rank
+            mean = loss.detach()
             if distributed:
                 dist.all_reduce(mean)
-            losses.append(mean.item() / tokens_per_step)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            return mean.item() / world
+
+        start = time.perf_counter()
+        losses = train_steps(opt, args.steps, loss_at, reported=mean_over_ranks, progress=bar)
         elapsed = time.perf_counter() - start
         result = dict(first_loss=losses[0], last_loss=losses[-1], tokens_per_s=tokens_per_step * args.steps / elapsed)
         if rank == 0:

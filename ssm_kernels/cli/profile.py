@@ -12,14 +12,47 @@ import warnings
 
 import torch
 
-from .bench.workload import (Workload, bytes_moved, device_name, peak_allocated_bytes,
-                             peak_bandwidth_gbps, scan_step, synchronized, trace_events)
-from .ops.selective_scan.backends import default_backend
+from ..bench.workload import (BENCH_BACKENDS, MULTIPLIER_MODES, Workload, bytes_moved, device_name,
+                              peak_allocated_bytes, peak_bandwidth_gbps, scan_step, synchronized, trace_events)
+from ..ops.selective_scan.backends import default_backend
+from .args import check_backends, check_output_path, default_device, device, nonnegative_int, positive_int
+from .check import IO_DTYPE_NAMES
+
+HELP = "one configuration under torch.profiler"
 
 # b * d_inner * L * N above which a CPU run is slow (the "torch" backend takes about a second
 # per 2**25 such elements for forward and backward on 2 cores).
 CPU_LARGE = 2**26
 
+
+def add_arguments(parser):
+    parser.add_argument("--d-inner", type=positive_int, default=16384)
+    parser.add_argument("--seqlen", type=positive_int, default=4096)
+    parser.add_argument("--batch", type=positive_int, default=2)
+    parser.add_argument("--d-state", type=positive_int, default=16)
+    parser.add_argument("--dtype", choices=IO_DTYPE_NAMES, help="default bf16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--backward", action="store_true", help="profile forward+backward (default: forward)")
+    parser.add_argument("--trace", metavar="PATH", help="write a Chrome trace of the profiled step")
+    parser.add_argument("--backend", choices=BENCH_BACKENDS,
+                        help="default triton on CUDA; on the CPU cpp when built, else torch (triton there needs "
+                        "TRITON_INTERPRET=1)")
+    parser.add_argument("--multipliers", choices=MULTIPLIER_MODES, default="fused")
+    parser.add_argument("--device", type=device, help="default cuda when available, else cpu")
+    parser.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps first")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps (median reported)")
+
+
+def run(parser, args) -> int:
+    dev = default_device(args.device)
+    check_backends(parser, "--backend", [args.backend] if args.backend else None, dev)
+    if args.backend == "mamba_ssm" and dev.type != "cuda":
+        parser.error("--backend mamba_ssm: its CUDA kernel needs a CUDA device")
+    check_output_path(parser, "--trace", args.trace)
+    dtype = args.dtype or ("bf16" if dev.type == "cuda" else "fp32")
+    profile(args.d_inner, args.seqlen, args.batch, dtype=dtype, d_state=args.d_state, backward=args.backward,
+            trace=args.trace, backend=args.backend, device=dev, multipliers=args.multipliers, warmup=args.warmup,
+            steps=args.steps)
+    return 0
 
 def _progress(total, desc):
     from tqdm import tqdm

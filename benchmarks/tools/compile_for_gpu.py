@@ -6,7 +6,7 @@ with `JITFunction.run` replaced by a hook that binds the arguments the way the J
 its runtime specialization (integers equal to 1 become constants; integers and pointers
 divisible by 16 are marked so), compiles for the target and launches nothing.
 
-    python tests/compile_for_gpu.py --out DIR [--batch 4 --dim 2048 --seqlen 2048 --d-state 16
+    python benchmarks/tools/compile_for_gpu.py --out DIR [--batch 4 --dim 2048 --seqlen 2048 --d-state 16
         --dtype bf16] [--fixed-bc] [--deterministic] [--packed | --state-update | --cuda] [--arch 90]
 
 --packed: the same tokens as `batch` sequences of `seqlen` packed into one row (cu_seqlens);
@@ -15,7 +15,7 @@ divisible by 16 are marked so), compiles for the target and launches nothing.
 
 writes, for every kernel the forward and backward launch, DIR/<name>.cubin and DIR/<name>.json
 (kernel, kind, ctas, num_warps, shared_bytes, res_usage, loop_trips, es_total, hbm_bytes,
-l2_bytes), which ../shared/tools/static_gpu/static_model.py --from-dir DIR models, and prints
+l2_bytes), which a static GPU model (not part of this repository) reads, and prints
 each kernel's registers and spills.
 """
 
@@ -35,9 +35,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime import jit as triton_jit  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from ssm_kernels.ops.selective_scan import chunk  # noqa: E402
 from ssm_kernels.ops.selective_scan.checks import check_inputs  # noqa: E402
+from ssm_kernels.ops.selective_scan.config import ScanConfig  # noqa: E402
+from ssm_kernels.testing import MULTIPLIERS  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -155,17 +157,16 @@ def compile_config(out_dir, *, batch=4, dim=2048, seqlen=2048, d_state=16, dtype
     Returns the JSON records."""
     x = make_inputs(batch, dim, seqlen, d_state, DTYPES[dtype], fixed_bc, optional, groups, packed)
     B, C, groups = check_inputs(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
-                                x["initial_state"], backend="triton", state_rows=batch if packed else None)
-    scales = dict(dt_scale=0.5, b_scale=2.0, c_scale=0.25)
-    cu_seqlens = x["cu_seqlens"]
+                                x["initial_state"], state_rows=batch if packed else None)
+    config = ScanConfig(groups=groups, delta_softplus=optional, backend="triton", deterministic=deterministic,
+                        cu_seqlens=x["cu_seqlens"], **MULTIPLIERS)
+    optional_inputs = dict(D=x["D"], z=x["z"], delta_bias=x["delta_bias"])
     with CompileOnly(arch) as launches:
-        out, last, states = chunk.selective_scan_fwd_triton(x["u"], x["delta"], x["A"], B, C, x["D"], x["z"],
-                                                            x["delta_bias"], x["initial_state"], groups, optional,
-                                                            *scales.values(), cu_seqlens=cu_seqlens)
+        out, last, states = chunk.selective_scan_fwd_triton(x["u"], x["delta"], x["A"], B, C, **optional_inputs,
+                                                            initial_state=x["initial_state"], config=config)
         chunk.selective_scan_bwd_triton(torch.empty_like(out), torch.empty_like(last) if optional else None,
-                                        x["u"], x["delta"], x["A"], B, C, x["D"], x["z"], x["delta_bias"], states,
-                                        groups, optional, *scales.values(), deterministic=deterministic,
-                                        cu_seqlens=cu_seqlens)
+                                        x["u"], x["delta"], x["A"], B, C, **optional_inputs, chunk_states=states,
+                                        config=config)
     return _write(out_dir, launches.compiled, dict(
         arch=arch, dtype=dtype, batch=batch, dim=dim, seqlen=seqlen, d_state=d_state, fixed_bc=fixed_bc,
         deterministic=deterministic, packed=packed), states.shape[2] // batch if packed else states.shape[2])
@@ -181,8 +182,8 @@ def compile_state_update(out_dir, *, batch=64, dim=4096, d_state=16, dtype="bf16
     with CompileOnly(arch) as launches:
         state_update.state_update_triton(
             torch.empty(batch, dim, d_state, **meta), x, torch.empty_like(x), torch.empty(dim, d_state, **meta),
-            BC, torch.empty_like(BC), torch.empty(dim, **meta), torch.empty_like(x), torch.empty(dim, **meta), True,
-            0.5, 2.0, 0.25, None, torch.empty_like(x))
+            BC, torch.empty_like(BC), D=torch.empty(dim, **meta), z=torch.empty_like(x), dt_bias=torch.empty(dim, **meta),
+            out=torch.empty_like(x), config=ScanConfig(groups=1, delta_softplus=True, backend="triton", **MULTIPLIERS))
     return _write(out_dir, launches.compiled, dict(arch=arch, dtype=dtype, batch=batch, dim=dim, seqlen=1,
                                                    d_state=d_state, fixed_bc=False, deterministic=False,
                                                    packed=False), 0)
@@ -224,7 +225,7 @@ def _write(out_dir, compiled, cfg, n_saved):
 
 
 CUDA_TYPES = {"bf16": "__nv_bfloat16", "fp16": "__half", "fp32": "float"}
-CUDA_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "csrc", "cuda", "scan_kernels_sm90.cu")
+CUDA_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "csrc", "cuda", "scan_kernels_sm90.cu")
 
 
 def cuda_layout(dim, groups, d_state):

@@ -17,9 +17,12 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .modules import MambaLM
-from .mup import Parameterization, keep_lr_scale
-from .train import CORPUS_MODULES, _warmup_cosine, corpus
+from ..modules import MambaLM
+from ..mup import OPTIMIZERS, PRESETS, Parameterization
+from .args import check_output_path, check_plot_path, positive_float, positive_int
+from .training import CORPUS_MODULES, corpus, optimizer_for, random_windows, train_steps
+
+HELP = "best learning rate against width, per preset (muP transfer)"
 
 HELD_OUT_MODULES = ("shutil", "textwrap", "tokenize")  # not in CORPUS_MODULES
 
@@ -30,31 +33,21 @@ def _texts():
     return corpus(CORPUS_MODULES), corpus(HELD_OUT_MODULES)
 
 
-def run(preset: str, optimizer: str, d_model: int, lr: float, seed: int, settings: dict) -> dict:
+def train_one(preset: str, optimizer: str, d_model: int, lr: float, seed: int, settings: dict) -> dict:
     """One training run; returns {"train_loss", "eval_loss"} (inf when the run diverged)."""
     s = settings
     torch.manual_seed(seed)
     model = MambaLM(d_model, s["n_layer"], vocab_size=256, d_state=s["d_state"], tie_embeddings=False)
     p = Parameterization(preset, optimizer, base_d_inner=2 * s["base_d_model"], base_d_state=s["d_state"])
     p.parameterize_(model, torch.Generator().manual_seed(seed))
-    groups = p.param_groups(model, lr)
-    opt = keep_lr_scale(torch.optim.AdamW(groups, weight_decay=0.0) if optimizer == "adam" else
-                        torch.optim.SGD(groups))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _warmup_cosine(step, s["steps"]))
+    opt = optimizer_for(p, model, lr)
     text, held_out = _texts()
     g = torch.Generator().manual_seed(seed)  # the data order: the same for every width, lr and preset
-    train_loss = math.inf
-    for _ in range(s["steps"]):
-        offsets = torch.randint(0, len(text) - s["seqlen"], (s["batch"],), generator=g)
-        batch = torch.stack([text[o:o + s["seqlen"]] for o in offsets.tolist()])
-        loss = model.loss(batch)
-        if not torch.isfinite(loss):
-            return dict(train_loss=math.inf, eval_loss=math.inf)
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        train_loss = loss.item()
+    losses = train_steps(opt, s["steps"], lambda step: model.loss(random_windows(text, s["batch"], s["seqlen"], g)),
+                         stop_when_not_finite=True)
+    if losses is None:
+        return dict(train_loss=math.inf, eval_loss=math.inf)
+    train_loss = losses[-1] if losses else math.inf
     with torch.no_grad():
         n = s["eval_batches"] * s["batch"]
         starts = torch.linspace(0, len(held_out) - s["seqlen"] - 1, n).long().tolist()  # fixed, spread over the text
@@ -155,7 +148,7 @@ def _timed_run(key, optimizer, settings):
     """(the run's result, its seconds): in this process or in a worker."""
     began = time.perf_counter()
     preset, width, lr, seed = key
-    return run(preset, optimizer, width, lr, seed, settings), time.perf_counter() - began
+    return train_one(preset, optimizer, width, lr, seed, settings), time.perf_counter() - began
 
 
 @functools.lru_cache(maxsize=None)
@@ -256,10 +249,8 @@ def plot(result: dict, path: str) -> None:
 
 
 def add_arguments(parser):
-    from .cli_args import positive_float, positive_int
-    parser.add_argument("--presets", nargs="+", default=["sp", "mup_ssm"],
-                        choices=["sp", "mup", "spectral", "mup_ssm", "mup_ssm_asymptotic"])
-    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    parser.add_argument("--presets", nargs="+", default=["sp", "mup_ssm"], choices=tuple(PRESETS))
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
     parser.add_argument("--widths", type=positive_int, nargs="+", default=[32, 64, 128, 256], help="d_model values")
     parser.add_argument("--lrs", type=positive_float, nargs="+", help="base learning rates (default: 2^-12 .. 2^-5 "
                         "for Adam, 2^-4 .. 2^3 for SGD)")
@@ -285,8 +276,7 @@ def add_arguments(parser):
                         "one seed of 4 presets x 8 lrs x d_model 32-256 (128 runs) took 58 min")
 
 
-def main(parser, args) -> int:
-    from .cli_args import check_output_path, check_plot_path
+def run(parser, args) -> int:
     if args.seqlen < 2:
         parser.error(f"--seqlen: must be at least 2, got {args.seqlen}")
     text, held_out = _texts()

@@ -1,15 +1,16 @@
 """The static H100 model of our kernels beside mamba_ssm's CUDA kernels, over many configurations.
 
 No GPU needed. Our kernels are compiled for sm_90 exactly as the JIT would compile them
-(tests/compile_for_gpu.py); mamba_ssm's selective-scan kernels are compiled with nvcc from a
-fetched copy of its sources, which stay in the temporary --work folder; both are modeled by
-../shared/tools/static_gpu (lower bound and latency-aware estimate, in microseconds).
+(benchmarks/tools/compile_for_gpu.py); mamba_ssm's selective-scan kernels are compiled with nvcc from a
+fetched copy of its sources, which stay in the temporary --work folder; both are modeled by a
+static GPU model that is not part of this repository (its folder: --static-gpu, or
+$SSM_KERNELS_STATIC_GPU), which gives lower bounds and a latency-aware estimate in microseconds.
 
-    python benchmarks/static_table.py [--configs default|all] [--mamba-git GITDIR --cuda-root DIR]
-        [--json OUT] [--markdown OUT]
+    python benchmarks/tools/static_table.py --static-gpu DIR [--configs default|all]
+        [--mamba-git GITDIR --cuda-root DIR] [--json OUT] [--markdown OUT]
 
-Without --mamba-git only our kernels are modeled. See ../shared/tools/static_gpu/README.md
-for how far to trust the model (it is not a stopwatch).
+Without --mamba-git only our kernels are modeled. The model is not a stopwatch: real times are at
+least its lower bounds, and only a GPU run says how close they come.
 """
 
 import argparse
@@ -22,8 +23,7 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, HERE)
 import compile_for_gpu  # noqa: E402  (sets TRITON_INTERPRET=0 before triton loads)
 
 BENCHMARK = dict(batch=4, dim=2048, seqlen=2048, d_state=16, dtype="bf16", fixed_bc=False)
@@ -162,14 +162,18 @@ def main(argv=None):
                         help="benchmark: bf16 4 x 2048 x 2048 N16; all: it and one change at a time (N, L, dim, "
                         "dtype, fixed B/C); widths: the benchmark grid's widths")
     parser.add_argument("--deterministic", action="store_true", help="the backward's deterministic mode")
-    parser.add_argument("--static-gpu", default=os.path.join(ROOT, "..", "shared", "tools", "static_gpu"),
-                        help="folder of the static model (default ../shared/tools/static_gpu)")
-    parser.add_argument("--mamba-git", help="git dir of state-spaces/mamba (from fetch); needs --cuda-root")
-    parser.add_argument("--cuda-root", help="folder with bin/nvcc (see ../shared/tools/static_gpu/README.md)")
+    parser.add_argument("--static-gpu", default=os.environ.get("SSM_KERNELS_STATIC_GPU"),
+                        help="folder of the static GPU model, not part of this repository (default "
+                        "$SSM_KERNELS_STATIC_GPU)")
+    parser.add_argument("--mamba-git", help="git dir of a clone of state-spaces/mamba; needs --cuda-root")
+    parser.add_argument("--cuda-root", help="folder with bin/nvcc (the CUDA toolkit)")
     parser.add_argument("--work", help="temporary folder (default: a new one)")
     parser.add_argument("--json", help="write every figure here")
     parser.add_argument("--markdown", help="write the table here")
     args = parser.parse_args(argv)
+    if not args.static_gpu or not os.path.isdir(args.static_gpu):
+        parser.error(f"--static-gpu {args.static_gpu}: the static GPU model's folder is needed (not part of this "
+                     "repository)")
     tools = load_model(os.path.abspath(args.static_gpu))
     work = args.work or tempfile.mkdtemp(prefix="static_table_")
     src = mamba_sources(args.mamba_git, work) if args.mamba_git else None

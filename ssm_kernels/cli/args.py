@@ -60,7 +60,7 @@ def default_device(dev) -> torch.device:
 
 def check_backends(parser: argparse.ArgumentParser, flag: str, names, dev: torch.device) -> None:
     """Each named scan backend runs on this device, or parser.error says why not."""
-    from .ops.selective_scan.backends import BACKENDS
+    from ..ops.selective_scan.backends import BACKENDS
     for name in names or ():
         if name not in BACKENDS:
             continue  # e.g. mamba_ssm in profile: checked where it is used
