@@ -568,6 +568,23 @@ def _scale_tile(scale_ptr, row, n, d_state, seqlen, t, mask):
 
 
 @triton.jit
+def _state_matrix_grad(ptr, scale_ptr, partial, scale, term, row, n, d_state, seqlen, t, mask,
+                       VARIABLE: tl.constexpr, REDUCE: tl.constexpr, LANES: tl.constexpr, ITEMS: tl.constexpr,
+                       VEC: tl.constexpr):
+    """State n's term of dB or dC, [ITEMS, (CH,) LANES]. Variable B/C: summed over the program's
+    channels into ptr[row + n * seqlen + t] as REDUCE says (REDUCE_FIXED: with this state's
+    `scale`, and the next state's scales are loaded right after their last use, as B and C are).
+    Fixed B/C: added to the per-channel partial. Returns (partial, scale)."""
+    if VARIABLE:
+        _channel_sum(ptr, row + n * seqlen + t, term, scale, mask, REDUCE, LANES, ITEMS, VEC)
+        if REDUCE == REDUCE_FIXED:
+            scale = _scale_tile(scale_ptr, row, n + 1, d_state, seqlen, t, mask)
+    else:
+        partial = _add_at(partial, n, _sum_all(term))
+    return partial, scale
+
+
+@triton.jit
 def fixed_point_scale_kernel(bound_ptr, scale_ptr, numel, headroom, BLOCK: tl.constexpr):
     """scale_ptr (the bound's memory, as fp32) gets: from the int32 bits of each element's largest |term| -> the fp32 scale 2^shift that
     puts every term below 2^(62 - headroom) in magnitude, so that a sum of 2^(headroom - 1)
@@ -689,10 +706,11 @@ def selective_scan_bwd_kernel(
             B = _state_tile(B_row, 0, stride_B_n, d_state, t, mask, LANES, ITEMS, VEC)
         if C_VARIABLE:
             C = _state_tile(C_row, 0, stride_C_n, d_state, t, mask, LANES, ITEMS, VEC)
+        # REDUCE_FIXED: state 0's scales of variable dB, dC (elsewhere an unused 0, carried through the loop)
         FIXED_B: tl.constexpr = B_VARIABLE and REDUCE == REDUCE_FIXED
         FIXED_C: tl.constexpr = C_VARIABLE and REDUCE == REDUCE_FIXED
-        dB_scale = _scale_tile(dB_scale_ptr, dBC_row, 0, d_state, seqlen, t, mask) if FIXED_B else None
-        dC_scale = _scale_tile(dC_scale_ptr, dBC_row, 0, d_state, seqlen, t, mask) if FIXED_C else None
+        dB_scale = _scale_tile(dB_scale_ptr, dBC_row, 0, d_state, seqlen, t, mask) if FIXED_B else 0.0
+        dC_scale = _scale_tile(dC_scale_ptr, dBC_row, 0, d_state, seqlen, t, mask) if FIXED_C else 0.0
         for n in range(0, d_state):
             if not B_VARIABLE:
                 B = tl.expand_dims(_pick(B_fixed, n, LANES), 0)
@@ -726,20 +744,10 @@ def selective_scan_bwd_kernel(
             dcarry = _with_element(dcarry, n, _from_lane(a_first, tl.zeros(a_first.shape, tl.int32)) * g_total,
                                    LANES - 1)
 
-            if B_VARIABLE:  # the next state's scales are loaded right after use, as B and C are
-                _channel_sum(dB_ptr, dBC_row + n * seqlen + t, g * dtu, dB_scale, mask, REDUCE, LANES, ITEMS,
-                             VEC)
-                if FIXED_B:
-                    dB_scale = _scale_tile(dB_scale_ptr, dBC_row, n + 1, d_state, seqlen, t, mask)
-            else:
-                dB_fixed = _add_at(dB_fixed, n, _sum_all(g * dtu))
-            if C_VARIABLE:
-                _channel_sum(dC_ptr, dBC_row + n * seqlen + t, h * dyc, dC_scale, mask, REDUCE, LANES, ITEMS,
-                             VEC)
-                if FIXED_C:
-                    dC_scale = _scale_tile(dC_scale_ptr, dBC_row, n + 1, d_state, seqlen, t, mask)
-            else:
-                dC_fixed = _add_at(dC_fixed, n, _sum_all(h * dyc))
+            dB_fixed, dB_scale = _state_matrix_grad(dB_ptr, dB_scale_ptr, dB_fixed, dB_scale, g * dtu, dBC_row, n,
+                                                    d_state, seqlen, t, mask, B_VARIABLE, REDUCE, LANES, ITEMS, VEC)
+            dC_fixed, dC_scale = _state_matrix_grad(dC_ptr, dC_scale_ptr, dC_fixed, dC_scale, h * dyc, dBC_row, n,
+                                                    d_state, seqlen, t, mask, C_VARIABLE, REDUCE, LANES, ITEMS, VEC)
             dx += g * B
             if B_VARIABLE:
                 B = _state_tile(B_row, n + 1, stride_B_n, d_state, t, mask, LANES, ITEMS, VEC)
