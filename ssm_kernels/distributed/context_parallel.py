@@ -17,7 +17,7 @@ backward, wrapped in one small autograd Function (`_AllGather`), so autograd car
 d(state) backwards across ranks. Collectives rather than point-to-point: every rank sees
 every summary, so each can also form the global last state, and a shard shorter than the
 halo is handled instead of deadlocking; gloo (CPU) and NCCL both implement these two.
-This file is at the ops layer: it builds on selective_scan_fn and knows no module.
+This file is at the ops layer: it builds on the scan's run_scan and knows no module.
 """
 
 from typing import List
@@ -27,10 +27,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.selective_scan import selective_scan_fn
-from ..ops.selective_scan.backends import BACKENDS, resolve_backend
-from ..ops.selective_scan.checks import check_multipliers
+from ..ops.selective_scan.backends import BACKENDS
 from ..ops.selective_scan.config import ScanConfig
+from ..ops.selective_scan.interface import run_scan, scan_config
 from ..ops.selective_scan.naive import discretize_dt
 
 
@@ -175,10 +174,17 @@ def selective_scan_cp(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     over the group, as DDP/FSDP do for parameters. The last state's gradient is taken on
     every rank where it is used.
     """
+    config = scan_config(u, delta_softplus=delta_softplus, dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale,
+                         backend=backend)
+    return scan_cp(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
+                   return_last_state=return_last_state, group=group, config=config)
+
+
+def scan_cp(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, initial_state=None, return_last_state=False,
+            group=None, config: ScanConfig):
+    """selective_scan_cp for a config that scan_config made (without cu_seqlens)."""
     group = _require_group(group)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    config = ScanConfig(delta_softplus=bool(delta_softplus), backend=resolve_backend(backend, u),
-                        **check_multipliers(dt_scale, b_scale, c_scale))
     if not isinstance(u, torch.Tensor) or u.dim() != 3:
         raise ValueError(f"u: expected (batch, dim, L) on each rank, got {getattr(u, 'shape', type(u).__name__)}")
     h0 = initial_state if rank == 0 else None
@@ -195,9 +201,8 @@ def selective_scan_cp(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         "requires_grad (of any input)": needs_grad})
 
     def scan(D_, z_, start, last_state):
-        return selective_scan_fn(u, delta, A, B, C, D=D_, z=z_, delta_bias=delta_bias,
-                                 delta_softplus=config.delta_softplus, return_last_state=last_state,
-                                 initial_state=start, backend=config.backend, **config.multipliers)
+        return run_scan(u, delta, A, B, C, D=D_, z=z_, delta_bias=delta_bias, initial_state=start,
+                        return_last_state=last_state, config=config)
 
     # 1. this shard's summary: (total decay, final state from this rank's start)
     out = None

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed.context_parallel import previous_inputs, selective_scan_cp
+from ..distributed.context_parallel import previous_inputs, scan_cp
 from ..ops.selective_scan import selective_scan_fn
 from ..ops.selective_scan.checks import check_cu_seqlens
+from ..ops.selective_scan.interface import run_scan, scan_config
 from ..ops.state_update import selective_state_update
 from .declarations import Declaration, MixerShape, init_ssm_parameters_, persist_multipliers
 from .inference import InferenceParams
@@ -90,7 +91,7 @@ def _packed_causal_conv1d(x, weight, bias, activation, cu_seqlens):
 class SelectiveScan(nn.Module):
     """selective_scan_fn as a module: holds the kernel multipliers, and is where forward hooks
     see the scan's output and last state (the coordinate check uses them). With a `cp_group`
-    the sequence is split over its ranks (selective_scan_cp)."""
+    the sequence is split over its ranks (selective_scan_cp's scan_cp)."""
 
     def __init__(self, backend: Optional[str] = None, cp_group=None):
         super().__init__()
@@ -103,14 +104,14 @@ class SelectiveScan(nn.Module):
 
     def forward(self, u, delta, A, B, C, D, z, delta_bias, cu_seqlens=None):
         """(out, last_state) of the scan with softplus on dt (Mamba's), this module's multipliers
-        and backend."""
-        common = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=True, return_last_state=True,
-                      backend=self.backend, **self.multipliers())
-        if self.cp_group is None:
-            return selective_scan_fn(u, delta, A, B, C, cu_seqlens=cu_seqlens, **common)
-        if cu_seqlens is not None:
+        and backend, in one ScanConfig."""
+        if self.cp_group is not None and cu_seqlens is not None:
             raise ValueError("cu_seqlens: packed sequences are not supported under context parallelism")
-        return selective_scan_cp(u, delta, A, B, C, group=self.cp_group, **common)
+        config = scan_config(u, delta_softplus=True, backend=self.backend, cu_seqlens=cu_seqlens, **self.multipliers())
+        call = dict(D=D, z=z, delta_bias=delta_bias, return_last_state=True, config=config)
+        if self.cp_group is None:
+            return run_scan(u, delta, A, B, C, **call)
+        return scan_cp(u, delta, A, B, C, group=self.cp_group, **call)
 
     def extra_repr(self):
         return f"dt_scale={self.dt_scale:g}, b_scale={self.b_scale:g}, c_scale={self.c_scale:g}"

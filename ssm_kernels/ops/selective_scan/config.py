@@ -1,8 +1,10 @@
 """ScanConfig: everything about one selective scan that is not a tensor of the recurrence.
 
-selective_scan_fn (and selective_scan_cp, the modules) validate their arguments once and build
-one ScanConfig; the registry's forward and backward take it by keyword (`config=`), so no layer
-passes the groups, flags and multipliers as a row of positional arguments.
+The public boundaries (selective_scan_fn, selective_scan_cp, the Mamba modules' SelectiveScan,
+selective_state_update) validate their arguments once and build one ScanConfig (interface.
+scan_config); below them run_scan, scan_cp and the registry's forward, backward and decoding step
+take it by keyword (`config=`), so no layer passes the groups, flags and multipliers as a row of
+positional arguments.
 """
 
 import dataclasses

@@ -190,22 +190,41 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         out (batch, dim, L) in u's dtype, or (out, last_state) when return_last_state.
         Gradients flow back through last_state too.
     """
+    config = scan_config(u, delta_softplus=delta_softplus, dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale,
+                         backend=backend, cu_seqlens=cu_seqlens)
+    return run_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
+                    return_last_state=return_last_state, config=config)
+
+
+def scan_config(u, *, delta_softplus=False, dt_scale=1.0, b_scale=1.0, c_scale=1.0, backend=None,
+                cu_seqlens=None) -> ScanConfig:
+    """A public boundary's ScanConfig (selective_scan_fn, selective_scan_cp, the Mamba modules): the
+    backend resolved for u's device, the multipliers checked, cu_seqlens checked against u. Its
+    groups are filled in by run_scan from B and C."""
     backend = resolve_backend(backend, u)
-    num_seqs = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, u)
-    if BACKENDS[backend].forward is None:  # "ref": the sequential loop, differentiated by autograd
-        call = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, initial_state=initial_state,
-                    **check_multipliers(dt_scale, b_scale, c_scale))
-        if cu_seqlens is None:
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, u)
+    return ScanConfig(delta_softplus=bool(delta_softplus), backend=backend, cu_seqlens=cu_seqlens,
+                      **check_multipliers(dt_scale, b_scale, c_scale))
+
+
+def run_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, initial_state=None, return_last_state=False,
+             config: ScanConfig):
+    """selective_scan_fn for a config that scan_config made: checks the tensors against each other,
+    then runs the config's backend (the custom ops, or autograd through the reference)."""
+    num_seqs = None if config.cu_seqlens is None else state_rows(u.shape[0], config.cu_seqlens)
+    if BACKENDS[config.backend].forward is None:  # "ref": the sequential loop, differentiated by autograd
+        call = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=config.delta_softplus,
+                    initial_state=initial_state, **config.multipliers)
+        if config.cu_seqlens is None:
             return selective_scan_ref(u, delta, A, B, C, return_last_state=return_last_state, **call)
-        out, last_state = _packed_ref(u, delta, A, B, C, cu_seqlens=cu_seqlens, num_seqs=num_seqs, **call)
+        out, last_state = _packed_ref(u, delta, A, B, C, cu_seqlens=config.cu_seqlens, num_seqs=num_seqs, **call)
         return (out, last_state) if return_last_state else out
     B, C, groups = check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, state_rows=num_seqs)
-    check_backend_limits(backend, A.shape[1], dict(u=u, A=A, B=B, C=C, D=D, delta_bias=delta_bias,
-                                                   initial_state=initial_state))
-    config = ScanConfig(groups=groups, delta_softplus=bool(delta_softplus), backend=backend, cu_seqlens=cu_seqlens,
-                        **check_multipliers(dt_scale, b_scale, c_scale))
+    check_backend_limits(config.backend, A.shape[1], dict(u=u, A=A, B=B, C=C, D=D, delta_bias=delta_bias,
+                                                          initial_state=initial_state))
     out, last_state, _ = selective_scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state,
-                                               **_op_fields(config, forward=True))
+                                               **_op_fields(config.replace(groups=groups), forward=True))
     return (out, last_state) if return_last_state else out
 
 
