@@ -1,11 +1,14 @@
 """The Triton kernels compile for Hopper (sm_90) in every shipped configuration, without a GPU,
-exactly as the JIT would compile them, and ptxas spills no register."""
+exactly as the JIT would compile them, and ptxas spills no register; so do the CUDA kernels of
+csrc/cuda/ with nvcc, where it is installed."""
 
 import json
 import os
 import re
 import subprocess
 import sys
+
+import shutil
 
 import pytest
 
@@ -37,3 +40,24 @@ def test_every_shipped_configuration_compiles_for_sm90_without_spills(tmp_path):
         local, stack = (int(re.search(rf"{key}:(\d+)", r["res_usage"]).group(1)) for key in ("LOCAL", "STACK"))
         assert local == 0 and stack == 0, f"{r['kernel']} spills ({r['res_usage']}) at {r}"
         assert r["ctas"] > 0 and r["es_total"] > 0 and r["hbm_bytes"] > 0
+
+
+def _nvcc():
+    for candidate in (os.environ.get("NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    return None
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc is not installed")
+@pytest.mark.slow  # a process running nvcc
+def test_cuda_kernels_compile_for_sm90_without_spills(tmp_path):
+    tool = os.path.join(HERE, "..", "benchmarks", "tools", "compile_for_gpu.py")
+    result = subprocess.run([sys.executable, tool, "--cuda", "--nvcc", _nvcc(), "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.load(open(tmp_path / f)) for f in os.listdir(tmp_path) if f.endswith(".json")]
+    assert {r["kernel"] for r in records} == {"cuda_scan_fwd", "cuda_scan_bwd", "cuda_scan_fwd_segmented"}
+    for r in records:
+        local, stack = (int(re.search(rf"{key}:(\d+)", r["res_usage"]).group(1)) for key in ("LOCAL", "STACK"))
+        assert local == 0 and stack == 0, f"{r['kernel']} spills ({r['res_usage']})"

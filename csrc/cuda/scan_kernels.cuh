@@ -14,8 +14,12 @@
 // the block into a per-block partial that the caller sums: deterministic, no atomics.
 #pragma once
 #include <cstdint>
+#ifdef SSMK_EMULATE  // the kernels on the CPU, for tests (emulate.h)
+#include "emulate.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 
 namespace ssm_kernels {
 namespace cuda {
@@ -171,15 +175,22 @@ __device__ __forceinline__ void load_states(const float* src, int n0, int N, flo
 
 // 2^x in one MUFU.EX2 (flushing results below 2^-126 to 0: decays that small are 0 anyway)
 __device__ __forceinline__ float exp2_approx(float x) {
+#ifdef SSMK_EMULATE
+  const float y = exp2f(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
+#else
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#endif
 }
 __device__ __forceinline__ float exp_approx(float x) { return exp2_approx(x * 1.4426950408889634f); }
-// softplus(x) = log1p(e^x) for x <= 20: log1p(e) = 2 atanh(s), s = e / (2 + e) in [0, 1/3), an
-// odd series to s^15 (relative error below 1e-7), exact as e -> 0; no log1pf call
+// softplus(x) = max(x, 0) + log1p(e), e = e^-|x| in (0, 1], for x <= 20: log1p(e) = 2 atanh(s),
+// s = e / (2 + e) in [0, 1/3], an odd series to s^15 (relative error below 1e-7), exact as e -> 0;
+// no log1pf call. (With e = e^x instead, s reaches 1 for x > 0 and the series is far off: the
+// emulated kernels' first run against the reference showed it.)
 __device__ __forceinline__ float softplus(float x) {
-  const float e = exp_approx(fminf(x, 20.f));
+  const float e = exp_approx(-fabsf(x));
   const float s = __fdividef(e, 2.f + e), s2 = s * s;
   float p = 1.f / 15.f;
   p = p * s2 + 1.f / 13.f;
@@ -189,7 +200,7 @@ __device__ __forceinline__ float softplus(float x) {
   p = p * s2 + 1.f / 5.f;
   p = p * s2 + 1.f / 3.f;
   p = p * s2 + 1.f;
-  return x <= 20.f ? 2.f * s * p : x;
+  return x <= 20.f ? fmaxf(x, 0.f) + 2.f * s * p : x;
 }
 __device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + exp_approx(-x)); }
 
@@ -251,9 +262,9 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(Params p) {
         if (n0 + i < N) states[n0 + i] = h[i];
     states += N;
     float uk[kChunk], dk[kChunk], zk[kChunk], dt[kChunk], dsp[kChunk], y[kChunk];
-    load8(u, w.active ? count : 0, aligned, uk);  // inactive lanes: u = 0, so h stays 0
-    load8(delta, count, aligned, dk);
-    if (z) load8(z, count, aligned, zk);
+    load8(u + t0, w.active ? count : 0, aligned, uk);  // inactive lanes: u = 0, so h stays 0
+    load8(delta + t0, count, aligned, dk);
+    if (z) load8(z + t0, count, aligned, zk);
     discretize(p, bias, dk, dt, dsp);
     if (!p.B_fixed) B_stager.stage(t0, count, B_tile);
     if (!p.C_fixed) C_stager.stage(t0, count, C_tile);
@@ -342,10 +353,10 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(Params p) {
     const int t0 = w.t_begin + c * kChunk, count = min(kChunk, w.t_end - t0);
     const bool aligned = ((row + t0) % kChunk) == 0;
     float uk[kChunk], dk[kChunk], zk[kChunk], gk[kChunk], dt[kChunk], dsp[kChunk];
-    load8(u, w.active ? count : 0, aligned, uk);
-    load8(delta, count, aligned, dk);
-    load8(dout, w.active ? count : 0, aligned, gk);  // inactive lanes: no gradient flows
-    if (z) load8(z, count, aligned, zk);
+    load8(u + t0, w.active ? count : 0, aligned, uk);
+    load8(delta + t0, count, aligned, dk);
+    load8(dout + t0, w.active ? count : 0, aligned, gk);  // inactive lanes: no gradient flows
+    if (z) load8(z + t0, count, aligned, zk);
     discretize(p, bias, dk, dt, dsp);
     if (!p.B_fixed) B_stager.stage(t0, count, B_tile);
     if (!p.C_fixed) C_stager.stage(t0, count, C_tile);
@@ -498,6 +509,10 @@ __device__ __forceinline__ void segmented_pass(const Params& p, const SegmentLan
   // the vector loads; without padding states (kPadded false) every state row is loaded whole
   const int count = kWhole ? kChunk : max(0, min(kChunk, t_end - t0));
   const bool aligned = kWhole || ((row + t0) % kChunk) == 0;
+  // B and C rows are seqlen apart: 8-aligned like u's only when seqlen is a multiple of 8 (else a
+  // vector load of a bf16 row faults; found by the emulated kernels at L = 300). Whole passes are
+  // taken only where both hold.
+  const bool bc_aligned = kWhole || (aligned && p.seqlen % kChunk == 0);
   float uk[kChunk], dk[kChunk], zk[kChunk], dt[kChunk], x[kChunk];
   load8(u + t0, count, aligned, uk);
   load8(delta + t0, count, aligned, dk);
@@ -529,7 +544,7 @@ __device__ __forceinline__ void segmented_pass(const Params& p, const SegmentLan
 #pragma unroll
   for (int i = 0; i < NS; ++i) {
     float Bi[kChunk];
-    steps_of_state<kBFixed, kPadded>(Bf, Bv + t0, p.seqlen, i, n0 + i < N, count, aligned, Bi);
+    steps_of_state<kBFixed, kPadded>(Bf, Bv + t0, p.seqlen, i, n0 + i < N, count, bc_aligned, Bi);
     float h = 0.f;
 #pragma unroll
     for (int k = 0; k < kChunk; ++k) {
@@ -567,7 +582,7 @@ __device__ __forceinline__ void segmented_pass(const Params& p, const SegmentLan
 #pragma unroll
   for (int i = 0; i < NS; ++i) {
     float Ci[kChunk];
-    steps_of_state<kCFixed, kPadded>(Cf, Cv + t0, p.seqlen, i, n0 + i < N, count, aligned, Ci);
+    steps_of_state<kCFixed, kPadded>(Cf, Cv + t0, p.seqlen, i, n0 + i < N, count, bc_aligned, Ci);
     float h = h_start[i];
 #pragma unroll
     for (int k = 0; k < kChunk; ++k) {
@@ -633,7 +648,7 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_segmented_kernel(Params p) 
   int base = t_begin;
   // whole passes of a row whose start is 8-aligned take only vector loads; the rest (the last
   // pass, or a packed sequence at an odd start) the general path, in a loop of its own
-  if ((l.row + t_begin) % kChunk == 0)
+  if ((l.row + t_begin) % kChunk == 0 && p.seqlen % kChunk == 0)
     for (; base + kSpan <= t_end; base += kSpan) {
       save_state(base);
       segmented_pass<T, TB, NS, S, kPadded, kBFixed, kCFixed, true>(p, l, base, carry);
