@@ -19,6 +19,7 @@ SOURCE = os.path.join(ROOT, "csrc", "cuda", "emulated.cpp")
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 THREADS = 128  # kThreads of scan_kernels.cuh
 SEQUENTIAL_CHUNK, SEGMENTED_CHUNK = 8, 128  # steps between the saved states (kChunk, kSegmentedChunk)
+BWD_CHANNELS_PER_WARP = 8  # emulated.cpp's kBwdChannelsPerWarp: the time-parallel backward's blocks
 
 
 def _pow2(x):
@@ -103,12 +104,13 @@ class Call:
         return self.out, self.last, self.states
 
     def backward(self, dout, dlast_state=None):
-        """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state) from the sequential forward's
-        saved states; the kernels' partials summed in a fixed order."""
-        assert not self.segmented, "the backward takes the states every 8 steps (the sequential forward's)"
+        """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state) from the forward's saved
+        states: the time-sequential backward after the sequential forward, the time-parallel one
+        after the segmented forward; the kernels' partials summed in a fixed order."""
         t, p = self.tensors, self.p
         batch, dim, seqlen, N, groups, n_seqs = p.batch, p.dim, p.seqlen, p.d_state, p.groups, p.n_seqs
-        n_cblocks = -(-(dim // groups) // (THREADS // bwd_slices(N)))
+        channels = THREADS // 32 * BWD_CHANNELS_PER_WARP if self.segmented else THREADS // bwd_slices(N)
+        n_cblocks = -(-(dim // groups) // channels)
         f32 = dict(dtype=torch.float32, device=t["u"].device)
 
         def state_grad(fixed):
@@ -126,7 +128,8 @@ class Call:
         for name, buf in g.items():
             setattr(p, name, _ptr(buf))
         p.dout, p.dlast, p.n_cblocks = _ptr(dout), _ptr(dlast), n_cblocks
-        code = self.lib.ssmk_emulated_backward(ctypes.byref(p), DTYPE_CODES[self.dtype])
+        run = self.lib.ssmk_emulated_backward_segmented if self.segmented else self.lib.ssmk_emulated_backward
+        code = run(ctypes.byref(p), DTYPE_CODES[self.dtype])
         assert code == 0, f"the emulated backward refused this configuration (code {code})"
         # the partials (fixed dB/dC, dA, dD, dbias per sequence; variable dB/dC per channel block), in order
         return (g["du"], g["ddelta"], g["dA"].sum(0), g["dB"].sum(0), g["dC"].sum(0),

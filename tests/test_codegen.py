@@ -57,7 +57,8 @@ def test_cuda_kernels_compile_for_sm90_without_spills(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = [json.load(open(tmp_path / f)) for f in os.listdir(tmp_path) if f.endswith(".json")]
-    assert {r["kernel"] for r in records} == {"cuda_scan_fwd", "cuda_scan_bwd", "cuda_scan_fwd_segmented"}
+    assert {r["kernel"] for r in records} == {"cuda_scan_fwd", "cuda_scan_bwd", "cuda_scan_fwd_segmented",
+                                            "cuda_scan_bwd_segmented"}
     for r in records:
         local, stack = (int(re.search(rf"{key}:(\d+)", r["res_usage"]).group(1)) for key in ("LOCAL", "STACK"))
         assert local == 0 and stack == 0, f"{r['kernel']} spills ({r['res_usage']})"

@@ -74,26 +74,51 @@ CASES = [  # (id, make_inputs overrides)
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("overrides", [pytest.param(o, id=name) for name, o in CASES])
-def test_sequential_kernels_forward_and_every_gradient(lib, overrides, dtype):
-    call, leaves, (cot_out, cot_last), ref_grads = _run(lib, make_inputs(**overrides), dtype)
-    grads = dict(zip(GRADS, call.backward(cot_out, cot_last)))
+# The time-sequential kernels (states every 8 steps) and the time-parallel ones (every 128 steps)
+DESIGNS = [pytest.param(False, id="sequential"), pytest.param(True, id="time-parallel")]
+LONG_CASES = [  # passes of 64 to 256 steps, several saved states
+    ("grouped-N16-L300", dict(batch=1, dim=2, groups=2, d_state=16, seqlen=300, seed=8)),
+    ("N64-L150", dict(batch=1, dim=1, groups=1, d_state=64, seqlen=150, seed=9)),
+]
+
+
+def _check_gradients(call, leaves, cotangents, ref_grads, dtype):
+    grads = dict(zip(GRADS, call.backward(*cotangents)))
     for name, ref in ref_grads.items():
         got = grads[name].reshape(leaves[name].shape)
         assert torch.isfinite(got).all(), name
         assert_matches(f"d{name}", got, ref, dtype)
 
 
-def test_sequential_kernels_on_packed_sequences(lib):
-    lengths = [5, 0, 9, 1, 14]
+@pytest.mark.parametrize("segmented", DESIGNS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("overrides", [pytest.param(o, id=name) for name, o in CASES + LONG_CASES])
+def test_forward_and_every_gradient(lib, overrides, dtype, segmented):
+    _check_gradients(*_run(lib, make_inputs(**overrides), dtype, segmented=segmented), dtype)
+
+
+@pytest.mark.parametrize("segmented, lengths", [(False, [5, 0, 9, 1, 14]), (True, [130, 0, 7, 200])])
+def test_packed_sequences(lib, segmented, lengths):
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int64)
     master = make_inputs(batch=1, dim=4, groups=2, d_state=6, seqlen=sum(lengths), seed=7)
     master["initial_state"] = torch.randn(len(lengths), 4, 6, dtype=torch.float64)
-    call, leaves, (cot_out, cot_last), ref_grads = _run(lib, master, torch.float32, cu_seqlens=cu)
-    grads = dict(zip(GRADS, call.backward(cot_out, cot_last)))
-    for name, ref in ref_grads.items():
-        assert_matches(f"d{name}", grads[name].reshape(leaves[name].shape), ref, torch.float32)
+    _check_gradients(*_run(lib, master, torch.float32, cu_seqlens=cu, segmented=segmented), torch.float32)
+
+
+@pytest.mark.parametrize("segmented", DESIGNS)
+def test_the_backward_gives_the_same_bits_whatever_the_block_order(lib, segmented):
+    """Deterministic by design: run with the blocks in launch order, then in reverse order (on a GPU
+    their order is the scheduler's), and every gradient has the same bits."""
+    call, _, cotangents, _ = _run(lib, make_inputs(batch=2, dim=70, groups=2, d_state=5, seqlen=45, seed=11),
+                                  torch.float32, segmented=segmented)
+    first = [None if g is None else g.clone() for g in call.backward(*cotangents)]
+    lib.ssmk_emulate_reverse_blocks(1)
+    try:
+        second = call.backward(*cotangents)
+    finally:
+        lib.ssmk_emulate_reverse_blocks(0)
+    for name, a, b in zip(GRADS, first, second):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -114,11 +139,3 @@ def test_time_parallel_forward(lib, overrides, dtype):
         delta_bias=ref["delta_bias"], initial_state=ref["initial_state"],
         config=ScanConfig(groups=groups, delta_softplus=True, **MULTIPLIERS), chunk_size=emu.SEGMENTED_CHUNK)
     assert_matches("chunk_states", call.states, states, dtype)
-
-
-def test_time_parallel_forward_on_packed_sequences(lib):
-    lengths = [130, 0, 7, 200]
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int64)
-    master = make_inputs(batch=1, dim=2, groups=1, d_state=8, seqlen=sum(lengths), seed=9)
-    master["initial_state"] = torch.randn(len(lengths), 2, 8, dtype=torch.float64)
-    _run(lib, master, torch.float32, cu_seqlens=cu, segmented=True)

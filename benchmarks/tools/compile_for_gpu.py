@@ -235,7 +235,10 @@ def cuda_layout(dim, groups, d_state):
         return 1 << max(0, (x - 1).bit_length())
     fwd, bwd = pow2(-(-d_state // 8)), max(4, pow2(-(-d_state // 4)))
     dpg = dim // groups
-    return {kind: (s, -(-dpg // (128 // s))) for kind, s in (("fwd", fwd), ("bwd", bwd))}
+    layout = {kind: (s, -(-dpg // (128 // s))) for kind, s in (("fwd", fwd), ("bwd", bwd))}
+    # the time-parallel backward: 4 states a lane, at least 2 slices; 4 warps x 8 channels a block
+    layout["bwd_segmented"] = (max(2, pow2(-(-d_state // 4))), -(-dpg // 32))
+    return layout
 
 
 def compile_cuda(out_dir, *, batch, dim, seqlen, d_state, dtype, arch, nvcc):
@@ -249,12 +252,13 @@ def compile_cuda(out_dir, *, batch, dim, seqlen, d_state, dtype, arch, nvcc):
     states = batch * dim * -(-seqlen // 8) * d_state * 4
     layout = cuda_layout(dim, 1, d_state)
     records = []
-    for kind in ("fwd", "bwd", "fwd_segmented"):
-        slices, blocks = layout["bwd" if kind == "bwd" else "fwd"]
+    for kind in ("fwd", "bwd", "fwd_segmented", "bwd_segmented"):
+        slices, blocks = layout[kind if kind in ("bwd", "bwd_segmented") else "fwd"]
         name = f"cuda_scan_{kind}"
         stem = os.path.join(out_dir, name)
         subprocess.run([nvcc, f"-arch=sm_{arch}", "-cubin", "-O3", "-lineinfo", f"-DSSMK_BACKWARD={int(kind == 'bwd')}",
-                        f"-DSSMK_SEGMENTED={int(kind == 'fwd_segmented')}", f"-DSSMK_T={CUDA_TYPES[dtype]}",
+                        f"-DSSMK_SEGMENTED={int(kind == 'fwd_segmented')}",
+                        f"-DSSMK_BACKWARD_SEGMENTED={int(kind == 'bwd_segmented')}", f"-DSSMK_T={CUDA_TYPES[dtype]}",
                         f"-DSSMK_N={d_state}", "-o", stem + ".cubin", CUDA_SOURCE], check=True)
         res_usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", stem + ".cubin"],
                                    capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1].strip()
@@ -266,6 +270,12 @@ def compile_cuda(out_dir, *, batch, dim, seqlen, d_state, dtype, arch, nvcc):
             ctas, whole = -(-batch * dim // 4), seqlen // (8 * 32 // slices)
             trips = [1, whole]
             hbm = 4 * act + bc + states // 16
+        elif kind == "bwd_segmented":  # blocks of 32 channels; per pass of 8 * 32 / slices steps, 8 channels a warp
+            # the loops, outer first: chunks of 128 steps, passes of a chunk, channels of a warp (the
+            # chunk's earlier passes, rerun forward inside the last, are counted once per channel)
+            ctas = batch * blocks
+            trips = [-(-seqlen // 128), 128 // (8 * 32 // slices), 8]
+            hbm = 7 * act + bc + states // 16 + 2 * blocks * batch * d_state * seqlen * 4
         elif kind == "fwd":  # u, delta, z, B, C in; out, states out
             hbm = 4 * act + bc + states
         else:  # u, delta, z, dout, B, C, states in; du, ddelta, dz, dB/dC partials out

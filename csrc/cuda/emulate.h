@@ -47,6 +47,7 @@ struct Block {
   std::vector<std::unique_ptr<Warp>> warps;
 };
 inline thread_local Block* current_block = nullptr;
+inline bool reverse_blocks = false;  // run the grid's blocks last first (a scheduler's other order)
 
 inline void syncthreads() { current_block->sync->arrive_and_wait(); }
 
@@ -61,12 +62,14 @@ inline float exchange(float value, int from) {
   return got;
 }
 
-// Runs kernel(args) over the grid, block after block; each block's threads as OS threads.
+// Runs kernel(args) over the grid, block after block (in order, or last first); each block's
+// threads as OS threads.
 template <typename Kernel, typename Args>
 void launch(Kernel kernel, unsigned grid, unsigned threads, const Args& args) {
   gridDim = dim3{grid, 1, 1};
   blockDim = dim3{threads, 1, 1};
-  for (unsigned b = 0; b < grid; ++b) {
+  for (unsigned i = 0; i < grid; ++i) {
+    const unsigned b = reverse_blocks ? grid - 1 - i : i;
     Block block;
     block.sync = std::make_unique<std::barrier<>>(threads);
     for (unsigned w = 0; w < (threads + 31) / 32; ++w) block.warps.push_back(std::make_unique<Warp>());
@@ -103,6 +106,10 @@ inline float __shfl_sync(unsigned, float v, int src, int width = 32) {
 inline float __shfl_up_sync(unsigned, float v, unsigned delta, int width = 32) {
   const int lane = threadIdx.x % 32, base = lane & ~(width - 1), pos = lane - base;
   return emulate::exchange(v, pos >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : lane);
+}
+inline float __shfl_down_sync(unsigned, float v, unsigned delta, int width = 32) {
+  const int lane = threadIdx.x % 32, base = lane & ~(width - 1), pos = lane - base;
+  return emulate::exchange(v, pos + static_cast<int>(delta) < width ? lane + static_cast<int>(delta) : lane);
 }
 inline float __shfl_xor_sync(unsigned, float v, int mask, int width = 32) {
   const int lane = threadIdx.x % 32, base = lane & ~(width - 1);

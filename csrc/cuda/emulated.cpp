@@ -65,29 +65,26 @@ struct Backward {
   static int go(const Params& p) { return with_slices<BackwardWith, T, 4, 8, 16, 32>(bwd_slices(p.d_state), p); }
 };
 
-// The time-parallel forward: S slices of 8 states, at least 2 (a pass of 32 / S segments of 8
-// steps must divide the 128 steps between saved states), padded where d_state < 8 S; a warp per
-// channel.
-constexpr int segmented_slices(int N) { return next_pow2((N + 7) / 8) < 2 ? 2 : next_pow2((N + 7) / 8); }
+// The time-parallel forward (a warp per channel), padded where d_state < 8 S
 
 template <typename T, int S, bool kPadded>
 void segmented_launch(const Params& p) {
   const unsigned grid = (p.n_seqs * p.dim + kThreads / 32 - 1) / (kThreads / 32);
   if (p.B_fixed && p.C_fixed) {
-    emulate::launch(scan_fwd_segmented_kernel<T, T, 8, S, kPadded, true, true>, grid, kThreads, p);
+    emulate::launch(scan_fwd_segmented_kernel<T, T, kSegmentedStates, S, kPadded, true, true>, grid, kThreads, p);
   } else if (p.B_fixed) {
-    emulate::launch(scan_fwd_segmented_kernel<T, T, 8, S, kPadded, true, false>, grid, kThreads, p);
+    emulate::launch(scan_fwd_segmented_kernel<T, T, kSegmentedStates, S, kPadded, true, false>, grid, kThreads, p);
   } else if (p.C_fixed) {
-    emulate::launch(scan_fwd_segmented_kernel<T, T, 8, S, kPadded, false, true>, grid, kThreads, p);
+    emulate::launch(scan_fwd_segmented_kernel<T, T, kSegmentedStates, S, kPadded, false, true>, grid, kThreads, p);
   } else {
-    emulate::launch(scan_fwd_segmented_kernel<T, T, 8, S, kPadded, false, false>, grid, kThreads, p);
+    emulate::launch(scan_fwd_segmented_kernel<T, T, kSegmentedStates, S, kPadded, false, false>, grid, kThreads, p);
   }
 }
 
 template <typename T, int S>
 struct SegmentedWith {
   static int go(const Params& p) {
-    if (p.d_state == 8 * S) {
+    if (p.d_state == kSegmentedStates * S) {
       segmented_launch<T, S, false>(p);
     } else {
       segmented_launch<T, S, true>(p);
@@ -96,9 +93,54 @@ struct SegmentedWith {
   }
 };
 
+// The time-parallel backward, padded where d_state < 4 S
+
+template <typename T, int S, bool kPadded, bool kBFixed, bool kCFixed>
+void backward_segmented_launch(const Params& p) {
+  const unsigned grid = p.n_seqs * p.groups * p.n_cblocks;
+  emulate::launch(
+      scan_bwd_segmented_kernel<T, T, kBwdSegmentedStates, S, kPadded, kBFixed, kCFixed, kBwdChannelsPerWarp>, grid,
+      kThreads, p);
+}
+
+template <typename T, int S>
+struct BackwardSegmentedWith {
+  template <bool kPadded>
+  static void fixed_flags(const Params& p) {
+    if (p.B_fixed && p.C_fixed) {
+      backward_segmented_launch<T, S, kPadded, true, true>(p);
+    } else if (p.B_fixed) {
+      backward_segmented_launch<T, S, kPadded, true, false>(p);
+    } else if (p.C_fixed) {
+      backward_segmented_launch<T, S, kPadded, false, true>(p);
+    } else {
+      backward_segmented_launch<T, S, kPadded, false, false>(p);
+    }
+  }
+  static int go(const Params& p) {
+    const int channels = kThreads / 32 * kBwdChannelsPerWarp;
+    if (p.n_cblocks != (p.dim / p.groups + channels - 1) / channels) return 3;  // the partials' layout
+    if (p.d_state == kBwdSegmentedStates * S) {
+      fixed_flags<false>(p);
+    } else {
+      fixed_flags<true>(p);
+    }
+    return 0;
+  }
+};
+
+template <typename T>
+struct BackwardSegmented {
+  static int go(const Params& p) {
+    return with_slices<BackwardSegmentedWith, T, 2, 4, 8, 16>(segmented_slices(kBwdSegmentedStates, p.d_state), p);
+  }
+};
+
 template <typename T>
 struct Segmented {
-  static int go(const Params& p) { return with_slices<SegmentedWith, T, 2, 4, 8>(segmented_slices(p.d_state), p); }
+  static int go(const Params& p) {
+    return with_slices<SegmentedWith, T, 2, 4, 8>(segmented_slices(kSegmentedStates, p.d_state), p);
+  }
 };
 
 }  // namespace
@@ -115,8 +157,12 @@ int ssmk_emulated_forward(const Params* p, int dtype) {
 int ssmk_emulated_forward_segmented(const Params* p, int dtype) {
   return ssm_kernels::cuda::with_dtype<ssm_kernels::cuda::Segmented>(dtype, *p);
 }
+int ssmk_emulated_backward_segmented(const Params* p, int dtype) {
+  return ssm_kernels::cuda::with_dtype<ssm_kernels::cuda::BackwardSegmented>(dtype, *p);
+}
 int ssmk_emulated_backward(const Params* p, int dtype) {
   return ssm_kernels::cuda::with_dtype<ssm_kernels::cuda::Backward>(dtype, *p);
 }
 int ssmk_params_size() { return static_cast<int>(sizeof(Params)); }
+void ssmk_emulate_reverse_blocks(int on) { ssm_kernels::cuda::emulate::reverse_blocks = on != 0; }
 }

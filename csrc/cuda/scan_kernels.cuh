@@ -468,6 +468,14 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(Params p) {
 // a scan over the segment lanes and the carry give each segment its incoming state; pass 2 reruns
 // the segment from it for y. Saves the state every kSegmentedChunk steps.
 constexpr int kSegmentedChunk = 128;
+constexpr int kSegmentedStates = 8;     // states a lane, forward
+constexpr int kBwdSegmentedStates = 4;  // states a lane, backward (its registers hold a pass's decays and states)
+constexpr int kBwdChannelsPerWarp = 8;  // the backward's channels a warp: a block sums 4 x 8 channels' dB, dC
+// slices S of `states` states a lane for d_state N: at least 2, so that a pass of 32 / S segments
+// of 8 steps divides the kSegmentedChunk steps between saved states
+__host__ __device__ constexpr int segmented_slices(int states, int N) {
+  return next_pow2((N + states - 1) / states) < 2 ? 2 : next_pow2((N + states - 1) / states);
+}
 
 // state i's B (or C) over a lane's 8 steps: the fixed value, or its row of the variable tensor
 template <bool kFixed, bool kPadded, typename TB, int NS>
@@ -478,6 +486,19 @@ __device__ __forceinline__ void steps_of_state(const float (&fixed)[NS], const T
     for (int k = 0; k < kChunk; ++k) out[k] = fixed[i];
   } else {
     load8(rows + (int64_t)i * stride, (!kPadded || valid) ? count : 0, aligned, out);
+  }
+}
+
+// Inclusive scan of a segment's (decay product, state from 0) over the K segment lanes of a slice:
+// lane seg ends with the composition of segments 0..seg (selects, not a predicated block).
+template <int K>
+__device__ __forceinline__ void segment_scan(int seg, float& prod, float& local) {
+#pragma unroll
+  for (int off = 1; off < K; off <<= 1) {
+    const float pp = __shfl_up_sync(kFull, prod, off, K), hp = __shfl_up_sync(kFull, local, off, K);
+    const bool take = seg >= off;
+    local = take ? prod * hp + local : local;
+    prod = take ? prod * pp : prod;
   }
 }
 
@@ -661,6 +682,327 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_segmented_kernel(Params p) 
 #pragma unroll
     for (int i = 0; i < NS; ++i)
       if (n0 + i < N) p.last[srow * N + n0 + i] = carry[i];
+}
+
+// Backward, time-parallel: the forward's segmented design run in reverse, deterministic by design.
+// A warp runs one channel at a time; lane = slice * K + segment (S slices of NS states, K = 32 / S
+// segments of 8 steps: a pass covers K * 8 steps). The sequence is walked in the forward's saved
+// chunks of kSegmentedChunk steps, last first, and each chunk in passes, last first. For a pass, a
+// lane recomputes its segment's decays and states from the state entering the pass (the chunk's
+// saved state, carried forward over the chunk's earlier passes), then runs the adjoint
+// g_t = C_t dy_t + a_{t+1} g_{t+1} over its 8 steps from 0, joins the segments with a suffix scan
+// of the maps X -> (prod of the segment's decays) X + (a_{t0} g_{t0}) and reruns its steps from
+// its true incoming adjoint. A block's 4 warps take Q consecutive channels each of one (sequence,
+// group); the channels' variable dB/dC terms of a pass are added in shared memory, warp by warp
+// and channel by channel in a fixed order, and the block writes its sum as a per-block partial
+// (n_cblocks, batch, G, N, L) that the caller sums in a fixed order. dA, dinitial_state (the
+// adjoint carried between passes), fixed dB/dC, dD and ddelta_bias are per (sequence, channel)
+// values that the lane holding them updates after each pass. No atomics: the same bits every run.
+template <int K>
+__device__ __forceinline__ float segment_broadcast(float x) { return __shfl_sync(kFull, x, 0, K); }
+
+// sum over the K segment lanes of a slice (the lanes of one channel's states)
+template <int K>
+__device__ __forceinline__ float segment_sum(float x) {
+#pragma unroll
+  for (int m = 1; m < K; m <<= 1) x += __shfl_xor_sync(kFull, x, m);
+  return x;
+}
+
+// sum over the S slices (the lanes of one segment's steps)
+template <int K>
+__device__ __forceinline__ float slice_sum(float x) {
+#pragma unroll
+  for (int m = K; m < 32; m <<= 1) x += __shfl_xor_sync(kFull, x, m);
+  return x;
+}
+
+// One channel's rows and constants in the time-parallel backward
+template <typename T, typename TB, int NS>
+struct BackwardChannel {
+  int64_t row, srow;  // (batch, dim) row of the activations; (sequence, dim) row of the per-channel values
+  const T *u, *delta, *z, *dout;
+  T *du, *ddelta, *dz;
+  const TB *B, *C;  // this lane's first state row of variable B/C
+  const float* saved;  // the forward's saved states of this channel and sequence
+  float A[NS], A2[NS], Bf[NS], Cf[NS], D, bias;
+};
+
+// The state leaving the pass [base, base + K * 8) from the state entering it (every lane of a
+// slice holds it); only pass 1 and the segment scan of the forward.
+template <typename T, typename TB, int NS, int S, bool kPadded, bool kBFixed>
+__device__ __forceinline__ void carry_over_pass(const Params& p, const BackwardChannel<T, TB, NS>& c, int seg,
+                                                int n0, int t_end, int base, float (&carry)[NS]) {
+  constexpr int K = 32 / S;
+  const int N = p.d_state, t0 = base + seg * kChunk, count = max(0, min(kChunk, t_end - t0));
+  const bool aligned = ((c.row + t0) % kChunk) == 0, bc_aligned = aligned && p.seqlen % kChunk == 0;
+  float uk[kChunk], dk[kChunk], dt[kChunk], dsp[kChunk];
+  load8(c.u + t0, count, aligned, uk);
+  load8(c.delta + t0, count, aligned, dk);
+  discretize(p, c.bias, dk, dt, dsp);
+  float dt_sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < kChunk; ++k) {
+    dt[k] = k < count ? dt[k] : 0.f;  // past the end: the identity (a = 1, x = 0)
+    dt_sum += dt[k];
+  }
+#pragma unroll
+  for (int i = 0; i < NS; ++i) {
+    float Bi[kChunk];
+    steps_of_state<kBFixed, kPadded>(c.Bf, c.B + t0, p.seqlen, i, n0 + i < N, count, bc_aligned, Bi);
+    float h = 0.f;
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) h = exp2_approx(dt[k] * c.A2[i]) * h + dt[k] * uk[k] * p.b_scale * Bi[k];
+    float prod = exp2_approx(dt_sum * c.A2[i]), local = h;
+    segment_scan<K>(seg, prod, local);
+    carry[i] = __shfl_sync(kFull, prod * carry[i] + local, K - 1, K);
+  }
+}
+
+// One pass of one channel: the gradients of its steps (du, ddelta, dz stored; the per-channel sums
+// updated by the segment-0 lanes; variable dB/dC added into this warp's slab of shared memory);
+// h_in: the state entering the pass; the adjoint carried between passes lives in p.dh0.
+template <typename T, typename TB, int NS, int S, bool kPadded, bool kBFixed, bool kCFixed>
+__device__ __forceinline__ void backward_pass(const Params& p, const BackwardChannel<T, TB, NS>& c, int seg,
+                                              int slice, int n0, int t_end, int base, const float (&h_in)[NS],
+                                              float* slab_B, float* slab_C) {
+  constexpr int K = 32 / S, kSpan = K * kChunk;
+  const int N = p.d_state, t0 = base + seg * kChunk, count = max(0, min(kChunk, t_end - t0));
+  const bool aligned = ((c.row + t0) % kChunk) == 0, bc_aligned = aligned && p.seqlen % kChunk == 0;
+  float uk[kChunk], dk[kChunk], zk[kChunk], gk[kChunk], dt[kChunk], dsp[kChunk];
+  load8(c.u + t0, count, aligned, uk);
+  load8(c.delta + t0, count, aligned, dk);
+  load8(c.dout + t0, count, aligned, gk);
+  if (c.z) load8(c.z + t0, count, aligned, zk);
+  discretize(p, c.bias, dk, dt, dsp);
+  float dt_sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < kChunk; ++k) {
+    dt[k] = k < count ? dt[k] : 0.f;  // past the end: the identity (a = 1, x = 0, no gradient)
+    dt_sum += dt[k];
+  }
+  // the pass's states again: each segment from 0, the scan over segments, then from its true start
+  float decay[NS][kChunk], hist[NS][kChunk], h_start[NS], y[kChunk];
+#pragma unroll
+  for (int k = 0; k < kChunk; ++k) y[k] = 0.f;
+#pragma unroll
+  for (int i = 0; i < NS; ++i) {
+    float Bi[kChunk], Ci[kChunk];
+    steps_of_state<kBFixed, kPadded>(c.Bf, c.B + t0, p.seqlen, i, n0 + i < N, count, bc_aligned, Bi);
+    float h = 0.f;
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      decay[i][k] = exp2_approx(dt[k] * c.A2[i]);
+      h = decay[i][k] * h + dt[k] * uk[k] * p.b_scale * Bi[k];
+    }
+    float prod = exp2_approx(dt_sum * c.A2[i]), local = h;
+    segment_scan<K>(seg, prod, local);
+    const float pe = __shfl_up_sync(kFull, prod, 1, K), he = __shfl_up_sync(kFull, local, 1, K);
+    h_start[i] = seg == 0 ? h_in[i] : pe * h_in[i] + he;
+    steps_of_state<kCFixed, kPadded>(c.Cf, c.C + t0, p.seqlen, i, n0 + i < N, count, bc_aligned, Ci);
+    h = h_start[i];
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      h = decay[i][k] * h + dt[k] * uk[k] * p.b_scale * Bi[k];
+      hist[i][k] = h;
+      y[k] += h * Ci[k];
+    }
+  }
+  // out = y * silu(z): dz, and dy = d out / d y
+  float dy[kChunk], dz[kChunk];
+#pragma unroll
+  for (int k = 0; k < kChunk; ++k) {
+    dy[k] = gk[k];
+    if (c.z) {
+      const float yk = slice_sum<K>(y[k]) * p.c_scale + c.D * uk[k], sz = sigmoid(zk[k]);
+      dz[k] = gk[k] * yk * sz * (1.f + zk[k] * (1.f - sz));
+      dy[k] = gk[k] * zk[k] * sz;
+    }
+  }
+  // the adjoint, state by state
+  float s_decayed[kChunk], s_input[kChunk], dA_sum[NS], dB_sum[NS], dC_sum[NS];
+#pragma unroll
+  for (int k = 0; k < kChunk; ++k) s_decayed[k] = s_input[k] = 0.f;
+  const int64_t carried = c.srow * N + n0;  // this lane's states in the per-channel values
+#pragma unroll
+  for (int i = 0; i < NS; ++i) {
+    float Bi[kChunk], Ci[kChunk];
+    steps_of_state<kBFixed, kPadded>(c.Bf, c.B + t0, p.seqlen, i, n0 + i < N, count, bc_aligned, Bi);
+    steps_of_state<kCFixed, kPadded>(c.Cf, c.C + t0, p.seqlen, i, n0 + i < N, count, bc_aligned, Ci);
+    // the segment's map from its incoming adjoint X (dL/dh at its last step from later steps)
+    // to the previous segment's: X -> prod * X + a_{t0} g_{t0}, g from X = 0
+    float g = 0.f;
+#pragma unroll
+    for (int k = kChunk - 1; k >= 0; --k) g = Ci[k] * dy[k] * p.c_scale + (k < kChunk - 1 ? decay[i][k + 1] * g : 0.f);
+    float P = exp2_approx(dt_sum * c.A2[i]), L = decay[i][0] * g;
+#pragma unroll
+    for (int off = 1; off < K; off <<= 1) {  // suffix composition over this and the later segments
+      const float pn = __shfl_down_sync(kFull, P, off, K), ln = __shfl_down_sync(kFull, L, off, K);
+      const bool take = seg + off < K;
+      L = take ? P * ln + L : L;
+      P = take ? P * pn : P;
+    }
+    const bool valid = n0 + i < N;
+    const float from_later = segment_broadcast<K>(seg == 0 && valid ? p.dh0[carried + i] : 0.f);
+    const float pn = __shfl_down_sync(kFull, P, 1, K), ln = __shfl_down_sync(kFull, L, 1, K);
+    float X = seg == K - 1 ? from_later : pn * from_later + ln;
+    const float to_earlier = segment_broadcast<K>(P * from_later + L);
+    // the segment's steps again from its true incoming adjoint
+    float dA_i = 0.f, dB_i = 0.f, dC_i = 0.f;
+    g = X;
+#pragma unroll
+    for (int k = kChunk - 1; k >= 0; --k) {
+      const float dyc = dy[k] * p.c_scale, dtu = dt[k] * uk[k] * p.b_scale;
+      g = Ci[k] * dyc + (k < kChunk - 1 ? decay[i][k + 1] * g : X);
+      const float prev = k == 0 ? h_start[i] : hist[i][k - 1];
+      const float gah = g * (decay[i][k] * prev);  // a_t h_{t-1} as a product (strong decay)
+      dA_i += gah * dt[k];
+      s_decayed[k] += gah * c.A[i];
+      s_input[k] += g * Bi[k];
+      const float dB_term = g * dtu, dC_term = dyc * hist[i][k];
+      if (kBFixed) {
+        dB_i += dB_term;
+      } else if (valid) {
+        slab_B[(n0 + i) * kSpan + seg * kChunk + k] += dB_term;
+      }
+      if (kCFixed) {
+        dC_i += dC_term;
+      } else if (valid) {
+        slab_C[(n0 + i) * kSpan + seg * kChunk + k] += dC_term;
+      }
+    }
+    dA_sum[i] = segment_sum<K>(dA_i);
+    dB_sum[i] = kBFixed ? segment_sum<K>(dB_i) : 0.f;
+    dC_sum[i] = kCFixed ? segment_sum<K>(dC_i) : 0.f;
+    if (seg == 0 && valid) p.dh0[carried + i] = to_earlier;
+  }
+  if (seg == 0) {
+#pragma unroll
+    for (int i = 0; i < NS; ++i) {
+      if (n0 + i >= N) continue;
+      p.dA[carried + i] += dA_sum[i];
+      if (kBFixed) p.dB[carried + i] += dB_sum[i];
+      if (kCFixed) p.dC[carried + i] += dC_sum[i];
+    }
+  }
+  // du, ddelta (and the sums over states they need), dD, ddelta_bias
+  float du_k[kChunk], dd_k[kChunk], dD = 0.f, dbias = 0.f;
+#pragma unroll
+  for (int k = 0; k < kChunk; ++k) {
+    const float sd = slice_sum<K>(s_decayed[k]), si = slice_sum<K>(s_input[k]);
+    du_k[k] = dy[k] * c.D + si * p.b_scale * dt[k];
+    const float d_pre = k < count ? (sd + si * p.b_scale * uk[k]) * dsp[k] : 0.f;
+    dd_k[k] = d_pre * p.dt_scale;
+    dbias += d_pre;
+    dD += dy[k] * uk[k];
+  }
+  dD = segment_sum<K>(dD);
+  dbias = segment_sum<K>(dbias);
+  if (slice == 0) {
+    store8(c.du + t0, count, aligned, du_k);
+    store8(c.ddelta + t0, count, aligned, dd_k);
+    if (c.dz) store8(c.dz + t0, count, aligned, dz);
+    if (seg == 0) {
+      if (p.dD) p.dD[c.srow] += dD;
+      if (p.dbias) p.dbias[c.srow] += dbias;
+    }
+  }
+}
+
+// kPadded: d_state < NS * S; kBFixed / kCFixed: fixed (dim, N) B / C; Q channels per warp.
+template <typename T, typename TB, int NS, int S, bool kPadded, bool kBFixed, bool kCFixed, int Q>
+__global__ void __launch_bounds__(kThreads) scan_bwd_segmented_kernel(Params p) {
+  constexpr int K = 32 / S, kSpan = K * kChunk, kWarps = kThreads / 32, P = NS * S;
+  constexpr int kPasses = kSegmentedChunk / kSpan;
+  static_assert(kSegmentedChunk % kSpan == 0, "a pass must not straddle a saved state");
+  __shared__ float slabs[kWarps][2][P * kSpan];  // per warp: its channels' dB, dC of the pass (state, step)
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, slice = lane / K, seg = lane % K, n0 = slice * NS;
+  const int N = p.d_state, dpg = p.dim / p.groups;
+  const int cblock = blockIdx.x % p.n_cblocks, g = (blockIdx.x / p.n_cblocks) % p.groups;
+  const int seq = blockIdx.x / (p.n_cblocks * p.groups);
+  const int b = static_cast<int>(p.seqs[seq]), t_begin = static_cast<int>(p.seqs[p.n_seqs + seq]);
+  const int t_end = static_cast<int>(p.seqs[2 * p.n_seqs + seq]), slot = static_cast<int>(p.seqs[3 * p.n_seqs + seq]);
+  float* slab_B = slabs[warp][0];
+  float* slab_C = slabs[warp][1];
+  auto channel = [&](int q, BackwardChannel<T, TB, NS>& c) {  // false: past the group's last channel
+    const int in_group = (cblock * kWarps + warp) * Q + q;
+    if (in_group >= dpg) return false;
+    const int d = g * dpg + in_group;
+    c.row = ((int64_t)b * p.dim + d) * p.seqlen;
+    c.srow = (int64_t)seq * p.dim + d;
+    c.u = static_cast<const T*>(p.u) + c.row;
+    c.delta = static_cast<const T*>(p.delta) + c.row;
+    c.z = p.z ? static_cast<const T*>(p.z) + c.row : nullptr;
+    c.dout = static_cast<const T*>(p.dout) + c.row;
+    c.du = static_cast<T*>(p.du) + c.row;
+    c.ddelta = static_cast<T*>(p.ddelta) + c.row;
+    c.dz = p.dz ? static_cast<T*>(p.dz) + c.row : nullptr;
+    c.B = static_cast<const TB*>(p.B) + ((int64_t)(b * p.groups + g) * N + n0) * p.seqlen;
+    c.C = static_cast<const TB*>(p.C) + ((int64_t)(b * p.groups + g) * N + n0) * p.seqlen;
+    c.saved = p.states + (((int64_t)b * p.dim + d) * p.n_slots + slot) * N;
+#pragma unroll
+    for (int i = 0; i < NS; ++i) {
+      const bool ok = n0 + i < N;
+      c.A[i] = ok ? p.A[d * N + n0 + i] : 0.f;
+      c.A2[i] = c.A[i] * kLog2e;
+      c.Bf[i] = (ok && kBFixed) ? static_cast<const float*>(p.B)[d * N + n0 + i] : 0.f;
+      c.Cf[i] = (ok && kCFixed) ? static_cast<const float*>(p.C)[d * N + n0 + i] : 0.f;
+    }
+    c.D = p.D ? p.D[d] : 0.f;
+    c.bias = p.bias ? p.bias[d] : 0.f;
+    return true;
+  };
+  // the per-channel values start: the adjoint from last_state's gradient, the sums at 0
+  for (int q = 0; q < Q; ++q) {
+    BackwardChannel<T, TB, NS> c;
+    if (!channel(q, c) || seg != 0) continue;
+#pragma unroll
+    for (int i = 0; i < NS; ++i) {
+      if (n0 + i >= N) continue;
+      p.dh0[c.srow * N + n0 + i] = p.dlast ? p.dlast[c.srow * N + n0 + i] : 0.f;
+      p.dA[c.srow * N + n0 + i] = 0.f;
+      if (kBFixed) p.dB[c.srow * N + n0 + i] = 0.f;
+      if (kCFixed) p.dC[c.srow * N + n0 + i] = 0.f;
+    }
+    if (slice == 0) {
+      if (p.dD) p.dD[c.srow] = 0.f;
+      if (p.dbias) p.dbias[c.srow] = 0.f;
+    }
+  }
+  const int n_chunks = (t_end - t_begin + kSegmentedChunk - 1) / kSegmentedChunk;
+  for (int chunk = n_chunks - 1; chunk >= 0; --chunk) {
+    for (int pass = kPasses - 1; pass >= 0; --pass) {
+      const int base = t_begin + chunk * kSegmentedChunk + pass * kSpan;
+      if (base >= t_end) continue;  // uniform across the block
+      for (int e = lane; e < P * kSpan; e += 32) slab_B[e] = slab_C[e] = 0.f;  // this warp's own slab
+      for (int q = 0; q < Q; ++q) {
+        BackwardChannel<T, TB, NS> c;
+        if (!channel(q, c)) continue;  // uniform across the warp
+        float h[NS];
+#pragma unroll
+        for (int i = 0; i < NS; ++i) h[i] = n0 + i < N ? c.saved[(int64_t)chunk * N + n0 + i] : 0.f;
+        for (int earlier = 0; earlier < pass; ++earlier)  // the chunk's earlier passes, forward
+          carry_over_pass<T, TB, NS, S, kPadded, kBFixed>(p, c, seg, n0, t_end,
+                                                          t_begin + chunk * kSegmentedChunk + earlier * kSpan, h);
+        backward_pass<T, TB, NS, S, kPadded, kBFixed, kCFixed>(p, c, seg, slice, n0, t_end, base, h, slab_B,
+                                                              slab_C);
+      }
+      __syncthreads();
+      if (!kBFixed || !kCFixed) {
+        // the block's sum over its warps, in a fixed order, into its partial (n_cblocks, batch, G, N, L)
+        for (int e = threadIdx.x; e < 2 * N * kSpan; e += kThreads) {
+          const int which = e / (N * kSpan), n = (e / kSpan) % N, k = e % kSpan, t = base + k;
+          if (t >= t_end || (which == 0 ? kBFixed : kCFixed)) continue;
+          float sum = 0.f;
+#pragma unroll
+          for (int w = 0; w < kWarps; ++w) sum += slabs[w][which][n * kSpan + k];
+          float* part = which == 0 ? p.dB : p.dC;
+          part[((((int64_t)cblock * p.batch + b) * p.groups + g) * N + n) * p.seqlen + t] = sum;
+        }
+      }
+      __syncthreads();
+    }
+  }
 }
 
 }  // namespace cuda
