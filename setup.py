@@ -6,8 +6,9 @@ BUILD_EXT_ENV = "SSM_KERNELS_BUILD_EXT"
 
 
 def extension_modules():
-    """csrc/ as the torch extension ssm_kernels._C (the CPU kernels), only when
-    $SSM_KERNELS_BUILD_EXT=1: a plain `pip install` compiles nothing."""
+    """csrc/ as the torch extension ssm_kernels._C, only when $SSM_KERNELS_BUILD_EXT=1: a plain
+    `pip install` compiles nothing. The CPU kernels always; the CUDA kernels too where nvcc and a
+    CUDA build of torch are present (a message says which)."""
     if os.environ.get(BUILD_EXT_ENV, "0") in ("", "0"):
         return [], {}
     try:
@@ -31,11 +32,36 @@ def extension_modules():
     # inf/NaN handling unchanged); -ffp-contract=fast gives FMAs (ISO C++ mode turns them off).
     # -fopenmp: at::parallel_for runs its loop through OpenMP pragmas in torch's headers, serially without it.
     cxx = ["-O3", "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp"]
-    # The CUDA kernels of csrc/cuda/ are not part of the build yet (compile-only for the static
-    # model: benchmarks/tools/compile_for_gpu.py --cuda); see csrc/README.md.
-    ext = cpp_extension.CppExtension("ssm_kernels._C", sources, include_dirs=[os.path.join(here, "csrc")],
-                                     extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    include_dirs = [os.path.join(here, "csrc"), os.path.join(here, "csrc", "cuda")]
+    cuda_missing = _cuda_missing(cpp_extension)
+    if cuda_missing:
+        print(f"ssm_kernels: building the CPU kernels of csrc/ only ({cuda_missing})")
+        ext = cpp_extension.CppExtension("ssm_kernels._C", sources, include_dirs=include_dirs,
+                                         extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    else:
+        # the time-parallel CUDA kernels of csrc/cuda/ too: sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST
+        # names others (torch's BuildExtension reads it then)
+        print("ssm_kernels: building the CPU and the CUDA kernels of csrc/")
+        archs = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else [
+            f"-gencode=arch=compute_{a},code=sm_{a}" for a in (80, 90)]
+        ext = cpp_extension.CUDAExtension(
+            "ssm_kernels._C", sources + ["csrc/cuda/scan_cuda.cu"], include_dirs=include_dirs,
+            define_macros=[("SSM_KERNELS_WITH_CUDA", None)], extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx,
+                                "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", *archs]})
     return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+def _cuda_missing(cpp_extension):
+    """None when the CUDA part of csrc/ can be built here, else why not."""
+    import shutil
+    import torch
+    if torch.version.cuda is None:
+        return "torch is a CPU build"
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else shutil.which("nvcc")
+    if not nvcc or not os.path.exists(nvcc):
+        return "nvcc was not found (set CUDA_HOME)"
+    return None
 
 
 ext_modules, cmdclass = extension_modules()

@@ -10,6 +10,9 @@
 #include <vector>
 
 #include "cpu/scan_args.h"
+#ifdef SSM_KERNELS_WITH_CUDA
+#include "cuda/scan_cuda.h"
+#endif
 
 namespace ssm_kernels {
 namespace {
@@ -236,6 +239,7 @@ void cpu_backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
 }
 
 }  // namespace
+
 }  // namespace ssm_kernels
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -256,4 +260,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &get_cpu_isa, "the instruction set the CPU kernels run with");
   m.def("cpu_isas", &cpu_isas, "the instruction sets this CPU can run");
   m.def("set_cpu_isa", &set_cpu_isa, "run the CPU kernels with this instruction set (tests)");
+#ifdef SSM_KERNELS_WITH_CUDA
+  // the argument names are ssm_kernels/ops/selective_scan/cuda_ext.py's keywords
+  m.def("cuda_forward", &cuda::forward, "time-parallel CUDA forward into preallocated buffers", py::kw_only(),
+        py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("seqs"), py::arg("states"),
+        py::arg("D"), py::arg("z"), py::arg("delta_bias"), py::arg("initial_state"), py::arg("groups"),
+        py::arg("softplus"), py::arg("dt_scale"), py::arg("b_scale"), py::arg("c_scale"), py::arg("out"),
+        py::arg("last_state"), py::arg("stream"));
+  m.def("cuda_backward", &cuda::backward, "time-parallel CUDA backward into preallocated buffers", py::kw_only(),
+        py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("seqs"), py::arg("states"),
+        py::arg("D"), py::arg("z"), py::arg("delta_bias"), py::arg("groups"), py::arg("softplus"),
+        py::arg("dt_scale"), py::arg("b_scale"), py::arg("c_scale"), py::arg("dout"), py::arg("dlast_state"),
+        py::arg("du"), py::arg("ddelta"), py::arg("dz"), py::arg("dA"), py::arg("dB"), py::arg("dC"), py::arg("dD"),
+        py::arg("ddelta_bias"), py::arg("dinitial_state"), py::arg("stream"));
+#endif
 }

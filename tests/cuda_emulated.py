@@ -1,7 +1,9 @@
 """The CUDA kernels of csrc/cuda/ run on the CPU: csrc/cuda/emulated.cpp compiled with g++ (each
-thread of a block an OS thread, emulate.h), loaded with ctypes, fed torch tensors the way a CUDA
-launcher would lay them out, and its partial sums reduced in a fixed order, as the extension's
-Python side would. Only for the tests: nothing here is fast, and nothing of it is installed."""
+thread of a block an OS thread, emulate.h), loaded with ctypes. EmulatedExtension stands in for
+ssm_kernels._C's CUDA part: cuda_forward and cuda_backward take the binding's keyword arguments
+(csrc/cuda/scan_cuda.cu) and run the same dispatch (launch.h), so that the "cuda" backend's Python
+side (ops/selective_scan/cuda_ext.py) runs here unchanged. Only for the tests: nothing of it is
+installed, and nothing here is fast."""
 
 import ctypes
 import functools
@@ -11,22 +13,17 @@ import subprocess
 
 import torch
 
-from ssm_kernels.ops.selective_scan.compiled import _sequence_table
-from ssm_kernels.ops.utils import new_buffer
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(ROOT, "csrc", "cuda", "emulated.cpp")
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 THREADS = 128  # kThreads of scan_kernels.cuh
-SEQUENTIAL_CHUNK, SEGMENTED_CHUNK = 8, 128  # steps between the saved states (kChunk, kSegmentedChunk)
-BWD_CHANNELS_PER_WARP = 8  # emulated.cpp's kBwdChannelsPerWarp: the time-parallel backward's blocks
 
 
 def _pow2(x):
     return 1 if x <= 1 else 2 * _pow2((x + 1) // 2)
 
 
-def bwd_slices(d_state):  # as scan_kernels.cuh's bwd_slices
+def bwd_slices(d_state):  # as scan_kernels.cuh's bwd_slices (the time-sequential backward)
     return max(4, _pow2((d_state + 3) // 4))
 
 
@@ -44,7 +41,7 @@ class Params(ctypes.Structure):
 
 
 def unavailable_reason():
-    """None when g++ with C++20 is here, else why the emulated kernels cannot be built."""
+    """None when a C++ compiler is here, else why the emulated kernels cannot be built."""
     compiler = os.environ.get("CXX", "g++")
     return None if shutil.which(compiler) else f"no C++ compiler ({compiler!r} is not on PATH)"
 
@@ -64,74 +61,120 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-class Call:
-    """One forward + backward of the emulated kernels on CPU tensors: u, delta, z (batch, dim, L)
-    and variable B, C (batch, G, N, L) in one dtype (float32, float16 or bfloat16), fixed B, C
-    (dim, N) and A, D, delta_bias, initial_state in float32."""
+def params(*, u, delta, A, B, C, seqs, states, groups, softplus, dt_scale, b_scale, c_scale, D=None, z=None,
+           delta_bias=None, initial_state=None, out=None, last_state=None, dout=None, dlast_state=None, du=None,
+           ddelta=None, dz=None, dA=None, dB=None, dC=None, dD=None, ddelta_bias=None, dinitial_state=None,
+           n_cblocks=0):
+    """Params from the binding's keyword arguments (scan_cuda.cu's names), tensors laid out as it
+    checks; the caller keeps the tensors alive."""
+    batch, dim, seqlen = u.shape
+    return Params(batch=batch, dim=dim, seqlen=seqlen, d_state=A.shape[1], groups=groups, n_slots=states.shape[2],
+                  n_seqs=seqs.shape[1], seqs=_ptr(seqs), softplus=softplus, B_fixed=B.dim() == 2, C_fixed=C.dim() == 2,
+                  dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale, u=_ptr(u), delta=_ptr(delta), z=_ptr(z),
+                  B=_ptr(B), C=_ptr(C), A=_ptr(A), D=_ptr(D), bias=_ptr(delta_bias), h0=_ptr(initial_state),
+                  states=_ptr(states), out=_ptr(out), last=_ptr(last_state), dout=_ptr(dout), dlast=_ptr(dlast_state),
+                  du=_ptr(du), ddelta=_ptr(ddelta), dz=_ptr(dz), dA=_ptr(dA), dB=_ptr(dB), dC=_ptr(dC), dD=_ptr(dD),
+                  dbias=_ptr(ddelta_bias), dh0=_ptr(dinitial_state), n_cblocks=n_cblocks)
 
-    def __init__(self, lib, u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, *,
-                 delta_softplus=False, dt_scale=1.0, b_scale=1.0, c_scale=1.0, cu_seqlens=None, segmented=False):
-        self.lib, self.segmented = lib, segmented
+
+def _run(entry, p, dtype):
+    code = entry(ctypes.byref(p), DTYPE_CODES[dtype])
+    assert code == 0, f"the emulated kernels refused this configuration (code {code})"
+
+
+class EmulatedExtension:
+    """ssm_kernels._C's CUDA part on the CPU: the time-parallel kernels (scan_cuda.cu's entries)."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    def cuda_forward(self, *, stream, **kwargs):
+        _run(self.lib.ssmk_emulated_forward_segmented, params(**kwargs), kwargs["u"].dtype)
+
+    def cuda_backward(self, *, stream, **kwargs):
+        dim, groups = kwargs["u"].shape[1], kwargs["groups"]
+        blocks = -(-(dim // groups) // 32)  # launch.h's segmented_backward_blocks
+        _run(self.lib.ssmk_emulated_backward_segmented, params(**kwargs, n_cblocks=blocks), kwargs["u"].dtype)
+
+
+class SequentialCall:
+    """The time-sequential kernels (states every 8 steps) on the inputs of one call, laid out as the
+    "cuda" backend lays them out: forward() -> (out, last_state, states); backward(dout,
+    dlast_state) -> the nine gradients, the kernels' partials summed in a fixed order."""
+
+    def __init__(self, lib, u, delta, A, B, C, *, D=None, z=None, delta_bias=None, initial_state=None, config):
+        from ssm_kernels.ops.selective_scan import cuda_ext
+        self.lib, self.dtype = lib, u.dtype
+        self.x = cuda_ext._inputs(u, delta, A, B, C, D, z, delta_bias, config, chunk=8)
         batch, dim, seqlen = u.shape
-        N = A.shape[1]
-        groups = B.shape[1] if B.dim() == 4 else C.shape[1] if C.dim() == 4 else 1
-        chunk = SEGMENTED_CHUNK if segmented else SEQUENTIAL_CHUNK
-        self.seqs = _sequence_table(batch, seqlen, cu_seqlens, chunk)
-        n_seqs = self.seqs.shape[1]
-        n_slots = -(-seqlen // chunk) + (0 if cu_seqlens is None else n_seqs)
-        self.tensors = dict(u=u.contiguous(), delta=delta.contiguous(), z=None if z is None else z.contiguous(),
-                            B=B.contiguous(), C=C.contiguous(), A=A.float().contiguous(),
-                            D=None if D is None else D.float().contiguous(),
-                            bias=None if delta_bias is None else delta_bias.float().contiguous(),
-                            h0=None if initial_state is None else initial_state.float().contiguous())
-        self.dtype = u.dtype
+        rows, N = self.x["seqs"].shape[1], A.shape[1]
         f32 = dict(dtype=torch.float32, device=u.device)
-        # packed: the slots between sequences are never written; zeros, as the other backends
-        self.states = torch.zeros(batch, dim, n_slots, N, **f32)
-        self.out = new_buffer(batch, dim, seqlen, dtype=u.dtype, device=u.device)
-        self.last = new_buffer(n_seqs, dim, N, **f32)
-        self.p = Params(batch=batch, dim=dim, seqlen=seqlen, d_state=N, groups=groups, n_slots=n_slots, n_seqs=n_seqs,
-                        seqs=_ptr(self.seqs), softplus=bool(delta_softplus), B_fixed=B.dim() == 2,
-                        C_fixed=C.dim() == 2, dt_scale=dt_scale, b_scale=b_scale, c_scale=c_scale,
-                        states=_ptr(self.states), out=_ptr(self.out), last=_ptr(self.last),
-                        **{name: _ptr(t) for name, t in self.tensors.items()})
+        n_slots = -(-seqlen // 8) + (0 if config.cu_seqlens is None else rows)
+        self.x.update(states=torch.zeros(batch, dim, n_slots, N, **f32),
+                      initial_state=None if initial_state is None else initial_state.float().contiguous())
 
     def forward(self):
-        """(out, last_state, chunk_states)."""
-        run = self.lib.ssmk_emulated_forward_segmented if self.segmented else self.lib.ssmk_emulated_forward
-        code = run(ctypes.byref(self.p), DTYPE_CODES[self.dtype])
-        assert code == 0, f"the emulated forward refused this configuration (code {code})"
+        from ssm_kernels.ops.utils import new_buffer
+        u, A = self.x["u"], self.x["A"]
+        self.out = new_buffer(*u.shape, dtype=u.dtype, device=u.device)
+        self.last = new_buffer(self.x["seqs"].shape[1], u.shape[1], A.shape[1], dtype=torch.float32, device=u.device)
+        _run(self.lib.ssmk_emulated_forward, params(**self.x, out=self.out, last_state=self.last), self.dtype)
+        return self.out, self.last, self.x["states"]
+
+    def backward(self, dout, dlast_state=None):
+        from ssm_kernels.ops.utils import new_buffer
+        x = self.x
+        u, N, groups = x["u"], x["A"].shape[1], x["groups"]
+        batch, dim, seqlen = u.shape
+        rows = x["seqs"].shape[1]
+        blocks = -(-(dim // groups) // (THREADS // bwd_slices(N)))
+        f32 = dict(dtype=torch.float32, device=u.device)
+
+        def state_matrix_partials(X):
+            return new_buffer(rows, dim, N, **f32) if X.dim() == 2 else new_buffer(blocks, batch, groups, N, seqlen,
+                                                                                    **f32)
+        g = dict(du=new_buffer(*u.shape, dtype=u.dtype, device=u.device),
+                 ddelta=new_buffer(*u.shape, dtype=u.dtype, device=u.device),
+                 dz=None if x["z"] is None else new_buffer(*u.shape, dtype=u.dtype, device=u.device),
+                 dA=new_buffer(rows, dim, N, **f32), dB=state_matrix_partials(x["B"]), dC=state_matrix_partials(x["C"]),
+                 dD=None if x["D"] is None else new_buffer(rows, dim, **f32),
+                 ddelta_bias=None if x["delta_bias"] is None else new_buffer(rows, dim, **f32),
+                 dinitial_state=new_buffer(rows, dim, N, **f32))
+        dout = dout.to(u.dtype).contiguous()
+        dlast = None if dlast_state is None else dlast_state.float().contiguous()
+        _run(self.lib.ssmk_emulated_backward, params(**x, dout=dout, dlast_state=dlast, n_cblocks=blocks, **g),
+             self.dtype)
+        return (g["du"], g["ddelta"], g["dA"].sum(0), g["dB"].sum(0), g["dC"].sum(0),
+                None if g["dD"] is None else g["dD"].sum(0), g["dz"],
+                None if g["ddelta_bias"] is None else g["ddelta_bias"].sum(0), g["dinitial_state"])
+
+
+class ParallelCall:
+    """The time-parallel kernels through the "cuda" backend's own Python side (cuda_ext), with
+    EmulatedExtension in the place of ssm_kernels._C: the same interface as SequentialCall."""
+
+    def __init__(self, lib, u, delta, A, B, C, *, D=None, z=None, delta_bias=None, initial_state=None, config):
+        self.lib, self.config = lib, config
+        self.inputs = (u, delta, A, B, C)
+        self.optional = dict(D=D, z=z, delta_bias=delta_bias)
+        self.initial_state = initial_state
+
+    def _with_emulation(self, fn, *args, **kwargs):
+        from ssm_kernels.ops.selective_scan import cuda_ext
+        real, cuda_ext._ext = cuda_ext._ext, lambda: EmulatedExtension(self.lib)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            cuda_ext._ext = real
+
+    def forward(self):
+        from ssm_kernels.ops.selective_scan import cuda_ext
+        self.out, self.last, self.states = self._with_emulation(
+            cuda_ext.selective_scan_fwd_cuda, *self.inputs, **self.optional, initial_state=self.initial_state,
+            config=self.config)
         return self.out, self.last, self.states
 
     def backward(self, dout, dlast_state=None):
-        """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state) from the forward's saved
-        states: the time-sequential backward after the sequential forward, the time-parallel one
-        after the segmented forward; the kernels' partials summed in a fixed order."""
-        t, p = self.tensors, self.p
-        batch, dim, seqlen, N, groups, n_seqs = p.batch, p.dim, p.seqlen, p.d_state, p.groups, p.n_seqs
-        channels = THREADS // 32 * BWD_CHANNELS_PER_WARP if self.segmented else THREADS // bwd_slices(N)
-        n_cblocks = -(-(dim // groups) // channels)
-        f32 = dict(dtype=torch.float32, device=t["u"].device)
-
-        def state_grad(fixed):
-            return new_buffer(n_seqs, dim, N, **f32) if fixed else new_buffer(n_cblocks, batch, groups, N, seqlen,
-                                                                              **f32)
-        g = dict(du=new_buffer(batch, dim, seqlen, dtype=self.dtype, device=t["u"].device),
-                 ddelta=new_buffer(batch, dim, seqlen, dtype=self.dtype, device=t["u"].device),
-                 dz=None if t["z"] is None else new_buffer(batch, dim, seqlen, dtype=self.dtype, device=t["u"].device),
-                 dA=new_buffer(n_seqs, dim, N, **f32), dB=state_grad(p.B_fixed), dC=state_grad(p.C_fixed),
-                 dD=None if t["D"] is None else new_buffer(n_seqs, dim, **f32),
-                 dbias=None if t["bias"] is None else new_buffer(n_seqs, dim, **f32),
-                 dh0=new_buffer(n_seqs, dim, N, **f32))
-        dout = dout.to(self.dtype).contiguous()
-        dlast = None if dlast_state is None else dlast_state.float().contiguous()
-        for name, buf in g.items():
-            setattr(p, name, _ptr(buf))
-        p.dout, p.dlast, p.n_cblocks = _ptr(dout), _ptr(dlast), n_cblocks
-        run = self.lib.ssmk_emulated_backward_segmented if self.segmented else self.lib.ssmk_emulated_backward
-        code = run(ctypes.byref(p), DTYPE_CODES[self.dtype])
-        assert code == 0, f"the emulated backward refused this configuration (code {code})"
-        # the partials (fixed dB/dC, dA, dD, dbias per sequence; variable dB/dC per channel block), in order
-        return (g["du"], g["ddelta"], g["dA"].sum(0), g["dB"].sum(0), g["dC"].sum(0),
-                None if g["dD"] is None else g["dD"].sum(0), g["dz"],
-                None if g["dbias"] is None else g["dbias"].sum(0), g["dh0"])
+        from ssm_kernels.ops.selective_scan import cuda_ext
+        return self._with_emulation(cuda_ext.selective_scan_bwd_cuda, dout, dlast_state, *self.inputs, **self.optional,
+                                    chunk_states=self.states, config=self.config)

@@ -92,7 +92,7 @@ def test_ref_checks_its_inputs_too():
 
 def test_unknown_backend(monkeypatch):
     with pytest.raises(ValueError, match="^backend:"):
-        call("cuda", good_args())
+        call("gpu", good_args())
     monkeypatch.setenv("SSM_KERNELS_BACKEND", "fast")
     with pytest.raises(ValueError, match="^SSM_KERNELS_BACKEND:"):
         call(None, good_args())

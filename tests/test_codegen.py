@@ -62,3 +62,20 @@ def test_cuda_kernels_compile_for_sm90_without_spills(tmp_path):
     for r in records:
         local, stack = (int(re.search(rf"{key}:(\d+)", r["res_usage"]).group(1)) for key in ("LOCAL", "STACK"))
         assert local == 0 and stack == 0, f"{r['kernel']} spills ({r['res_usage']})"
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc is not installed")
+@pytest.mark.slow  # a process running nvcc
+def test_the_cuda_binding_compiles_against_this_torch(tmp_path):
+    """csrc/cuda/scan_cuda.cu (the binding and every kernel instantiation it launches) compiles with
+    nvcc against the installed torch's headers, a CPU build's included (compile only: linking needs a
+    CUDA build of torch). PTX without optimization: this checks the code, not its speed."""
+    import torch
+    include = os.path.join(os.path.dirname(torch.__file__), "include")
+    source = os.path.join(HERE, "..", "csrc", "cuda", "scan_cuda.cu")
+    result = subprocess.run([_nvcc(), "-std=c++20", "-c", "-O0", "-Xcicc", "-O0", "--expt-relaxed-constexpr",
+                             "-gencode=arch=compute_90,code=compute_90", "-I", include, "-I",
+                             os.path.dirname(source), source, "-o", str(tmp_path / "scan_cuda.o")],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert (tmp_path / "scan_cuda.o").stat().st_size > 0

@@ -12,6 +12,7 @@ from scan_cases import SLOW, assert_matches, make_inputs
 from ssm_kernels import selective_scan_fn
 from ssm_kernels.ops.selective_scan.checks import check_inputs
 from ssm_kernels.ops.selective_scan.chunk_torch import selective_scan_fwd_torch
+from ssm_kernels.ops.selective_scan import cuda_ext
 from ssm_kernels.ops.selective_scan.config import ScanConfig
 from ssm_kernels.testing import MULTIPLIERS
 
@@ -50,13 +51,16 @@ def _cotangents(out_shape, last_shape, dtype, seed=1):
 
 
 def _run(lib, master, dtype, *, cu_seqlens=None, segmented=False):
+    """The kernels' forward on the master inputs rounded to dtype, checked against the reference;
+    returns (the call, the leaves, the cotangents, the reference's gradients)."""
     leaves = _leaves(master, dtype)
-    B, C, _ = check_inputs(*(leaves[n] for n in ARGS), state_rows=None if cu_seqlens is None else
-                           cu_seqlens.numel() - 1)
-    call = emu.Call(lib, leaves["u"], leaves["delta"], leaves["A"], B, C, leaves["D"], leaves["z"],
-                    leaves["delta_bias"], leaves["initial_state"], delta_softplus=True, cu_seqlens=cu_seqlens,
-                    segmented=segmented, **MULTIPLIERS)
-    out, last, states = call.forward()
+    B, C, groups = check_inputs(*(leaves[n] for n in ARGS), state_rows=None if cu_seqlens is None else
+                                cu_seqlens.numel() - 1)
+    config = ScanConfig(groups=groups, delta_softplus=True, cu_seqlens=cu_seqlens, **MULTIPLIERS)
+    design = emu.ParallelCall if segmented else emu.SequentialCall
+    call = design(lib, leaves["u"], leaves["delta"], leaves["A"], B, C, D=leaves["D"], z=leaves["z"],
+                  delta_bias=leaves["delta_bias"], initial_state=leaves["initial_state"], config=config)
+    out, last, _ = call.forward()
     cot_out, cot_last = _cotangents(out.shape, last.shape, dtype)
     ref_out, ref_last, ref_grads = _reference(leaves, cu_seqlens, cot_out, cot_last)
     assert_matches("out", out, ref_out, dtype)
@@ -137,5 +141,5 @@ def test_time_parallel_forward(lib, overrides, dtype):
     _, _, states = selective_scan_fwd_torch(
         *(ref[n] for n in ("u", "delta", "A")), B.double(), C.double(), D=ref["D"], z=ref["z"],
         delta_bias=ref["delta_bias"], initial_state=ref["initial_state"],
-        config=ScanConfig(groups=groups, delta_softplus=True, **MULTIPLIERS), chunk_size=emu.SEGMENTED_CHUNK)
+        config=ScanConfig(groups=groups, delta_softplus=True, **MULTIPLIERS), chunk_size=cuda_ext.CHUNK_SIZE)
     assert_matches("chunk_states", call.states, states, dtype)

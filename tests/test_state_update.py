@@ -75,7 +75,7 @@ def _args(batch=2, dim=4, N=3):
     (dict(state_batch_indices=torch.tensor([0, 2])), ValueError, r"values must lie in \[0, 2\)"),
     (dict(state_batch_indices=torch.tensor([1, 1])), ValueError, "appears twice"),
     (dict(dt_scale=float("inf")), ValueError, "dt_scale: must be finite"),
-    (dict(backend="cuda"), ValueError, "unknown backend"),
+    (dict(backend="gpu"), ValueError, "unknown backend"),
     (dict(x=torch.randn(2, 4, dtype=torch.float64), backend="triton"), TypeError, "x: unsupported dtype"),
 ])
 def test_bad_input(change, error, match):

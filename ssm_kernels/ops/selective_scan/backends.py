@@ -17,6 +17,9 @@ from .checks import ALL_DTYPES, IO_DTYPES
 from .chunk_torch import CHUNK_SIZE, compute_dtype, selective_scan_bwd_torch, selective_scan_fwd_torch
 from .compiled import CHUNK_SIZE as COMPILED_CHUNK_SIZE
 from .compiled import cpp_unavailable, extension_unavailable_reason
+from .cuda_ext import CHUNK_SIZE as CUDA_CHUNK_SIZE
+from .cuda_ext import MAX_D_STATE as CUDA_MAX_D_STATE
+from .cuda_ext import cuda_unavailable
 
 BACKEND_ENV = "SSM_KERNELS_BACKEND"
 
@@ -81,6 +84,14 @@ BACKENDS = {b.name: b for b in (
             state_update=STATE_UPDATE_TORCH,
             chunk_size=lambda seqlen, device: COMPILED_CHUNK_SIZE, dtypes=ALL_DTYPES, max_d_state=None,
             state_dtype=compute_dtype, unavailable_reason=cpp_unavailable),
+    # the time-parallel CUDA kernels of csrc/cuda/ (cuda_ext.py), when the extension is built with its
+    # CUDA part: deterministic by design; never run on a GPU yet (tests/test_cuda_emulated.py runs
+    # them on the CPU); the decoding step: the Triton kernel's
+    Backend(name="cuda",
+            forward=_lazy(".cuda_ext", "selective_scan_fwd_cuda"), backward=_lazy(".cuda_ext", "selective_scan_bwd_cuda"),
+            state_update=_lazy("..state_update.kernel", "state_update_triton"),
+            chunk_size=lambda seqlen, device: CUDA_CHUNK_SIZE, dtypes=IO_DTYPES, max_d_state=CUDA_MAX_D_STATE,
+            state_dtype=lambda *tensors: torch.float32, unavailable_reason=cuda_unavailable),
     # the sequential reference (naive.py), differentiated by autograd; one decoding step has no
     # separate reference: the torch one
     Backend(name="ref",
