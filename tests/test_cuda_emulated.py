@@ -33,11 +33,12 @@ def _leaves(master, dtype):
             for n, t in master.items()}
 
 
-def _reference(leaves, cu_seqlens, cot_out, cot_last):
+def _reference(leaves, cu_seqlens, cot_out, cot_last, softplus):
     """out, last_state and every gradient of the float64 reference on the same (rounded) values."""
     ref = {n: None if t is None else t.double().requires_grad_() for n, t in leaves.items()}
     out, last = selective_scan_fn(*(ref[n] for n in ARGS[:8]), initial_state=ref["initial_state"], backend="ref",
-                                  delta_softplus=True, return_last_state=True, cu_seqlens=cu_seqlens, **MULTIPLIERS)
+                                  delta_softplus=softplus, return_last_state=True, cu_seqlens=cu_seqlens,
+                                  **MULTIPLIERS)
     present = [n for n in GRADS if ref[n] is not None]
     grads = torch.autograd.grad((out * cot_out.double()).sum() + (last * cot_last.double()).sum(),
                                 [ref[n] for n in present])
@@ -50,19 +51,19 @@ def _cotangents(out_shape, last_shape, dtype, seed=1):
             torch.randn(last_shape, generator=g, dtype=torch.float64).float())
 
 
-def _run(lib, master, dtype, *, cu_seqlens=None, segmented=False):
+def _run(lib, master, dtype, *, cu_seqlens=None, segmented=False, softplus=True):
     """The kernels' forward on the master inputs rounded to dtype, checked against the reference;
     returns (the call, the leaves, the cotangents, the reference's gradients)."""
     leaves = _leaves(master, dtype)
     B, C, groups = check_inputs(*(leaves[n] for n in ARGS), state_rows=None if cu_seqlens is None else
                                 cu_seqlens.numel() - 1)
-    config = ScanConfig(groups=groups, delta_softplus=True, cu_seqlens=cu_seqlens, **MULTIPLIERS)
+    config = ScanConfig(groups=groups, delta_softplus=softplus, cu_seqlens=cu_seqlens, **MULTIPLIERS)
     design = emu.ParallelCall if segmented else emu.SequentialCall
     call = design(lib, leaves["u"], leaves["delta"], leaves["A"], B, C, D=leaves["D"], z=leaves["z"],
                   delta_bias=leaves["delta_bias"], initial_state=leaves["initial_state"], config=config)
     out, last, _ = call.forward()
     cot_out, cot_last = _cotangents(out.shape, last.shape, dtype)
-    ref_out, ref_last, ref_grads = _reference(leaves, cu_seqlens, cot_out, cot_last)
+    ref_out, ref_last, ref_grads = _reference(leaves, cu_seqlens, cot_out, cot_last, softplus)
     assert_matches("out", out, ref_out, dtype)
     assert_matches("last_state", last, ref_last, dtype)
     return call, leaves, (cot_out, cot_last), ref_grads
@@ -99,6 +100,13 @@ def _check_gradients(call, leaves, cotangents, ref_grads, dtype):
 @pytest.mark.parametrize("overrides", [pytest.param(o, id=name) for name, o in CASES + LONG_CASES])
 def test_forward_and_every_gradient(lib, overrides, dtype, segmented):
     _check_gradients(*_run(lib, make_inputs(**overrides), dtype, segmented=segmented), dtype)
+
+
+@pytest.mark.parametrize("segmented", DESIGNS)
+@pytest.mark.parametrize("dtype, softplus", [(torch.float16, True), (torch.float32, False)])
+def test_fp16_and_without_softplus(lib, segmented, dtype, softplus):
+    master = make_inputs(batch=2, dim=4, groups=2, d_state=7, seqlen=41, seed=12)
+    _check_gradients(*_run(lib, master, dtype, segmented=segmented, softplus=softplus), dtype)
 
 
 @pytest.mark.parametrize("segmented, lengths", [(False, [5, 0, 9, 1, 14]), (True, [130, 0, 7, 200])])
