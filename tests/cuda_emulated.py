@@ -92,8 +92,8 @@ class EmulatedExtension:
         _run(self.lib.ssmk_emulated_forward_segmented, params(**kwargs), kwargs["u"].dtype)
 
     def cuda_backward(self, *, stream, **kwargs):
-        dim, groups = kwargs["u"].shape[1], kwargs["groups"]
-        blocks = -(-(dim // groups) // 32)  # launch.h's segmented_backward_blocks
+        from ssm_kernels.ops.selective_scan.cuda_ext import CHANNELS_PER_BLOCK
+        blocks = -(-(kwargs["u"].shape[1] // kwargs["groups"]) // CHANNELS_PER_BLOCK)  # launch.h's rule
         _run(self.lib.ssmk_emulated_backward_segmented, params(**kwargs, n_cblocks=blocks), kwargs["u"].dtype)
 
 
@@ -106,47 +106,24 @@ class SequentialCall:
         from ssm_kernels.ops.selective_scan import cuda_ext
         self.lib, self.dtype = lib, u.dtype
         self.x = cuda_ext._inputs(u, delta, A, B, C, D, z, delta_bias, config, chunk=8)
-        batch, dim, seqlen = u.shape
-        rows, N = self.x["seqs"].shape[1], A.shape[1]
-        f32 = dict(dtype=torch.float32, device=u.device)
-        n_slots = -(-seqlen // 8) + (0 if config.cu_seqlens is None else rows)
-        self.x.update(states=torch.zeros(batch, dim, n_slots, N, **f32),
-                      initial_state=None if initial_state is None else initial_state.float().contiguous())
+        self.x.update(initial_state=None if initial_state is None else initial_state.float().contiguous())
+        self.buffers = cuda_ext.forward_buffers(self.x, chunk=8, packed=config.cu_seqlens is not None)
 
     def forward(self):
-        from ssm_kernels.ops.utils import new_buffer
-        u, A = self.x["u"], self.x["A"]
-        self.out = new_buffer(*u.shape, dtype=u.dtype, device=u.device)
-        self.last = new_buffer(self.x["seqs"].shape[1], u.shape[1], A.shape[1], dtype=torch.float32, device=u.device)
-        _run(self.lib.ssmk_emulated_forward, params(**self.x, out=self.out, last_state=self.last), self.dtype)
-        return self.out, self.last, self.x["states"]
+        _run(self.lib.ssmk_emulated_forward, params(**self.x, **self.buffers), self.dtype)
+        return self.buffers["out"], self.buffers["last_state"], self.buffers["states"]
 
     def backward(self, dout, dlast_state=None):
-        from ssm_kernels.ops.utils import new_buffer
+        from ssm_kernels.ops.selective_scan import cuda_ext
         x = self.x
-        u, N, groups = x["u"], x["A"].shape[1], x["groups"]
-        batch, dim, seqlen = u.shape
-        rows = x["seqs"].shape[1]
-        blocks = -(-(dim // groups) // (THREADS // bwd_slices(N)))
-        f32 = dict(dtype=torch.float32, device=u.device)
-
-        def state_matrix_partials(X):
-            return new_buffer(rows, dim, N, **f32) if X.dim() == 2 else new_buffer(blocks, batch, groups, N, seqlen,
-                                                                                    **f32)
-        g = dict(du=new_buffer(*u.shape, dtype=u.dtype, device=u.device),
-                 ddelta=new_buffer(*u.shape, dtype=u.dtype, device=u.device),
-                 dz=None if x["z"] is None else new_buffer(*u.shape, dtype=u.dtype, device=u.device),
-                 dA=new_buffer(rows, dim, N, **f32), dB=state_matrix_partials(x["B"]), dC=state_matrix_partials(x["C"]),
-                 dD=None if x["D"] is None else new_buffer(rows, dim, **f32),
-                 ddelta_bias=None if x["delta_bias"] is None else new_buffer(rows, dim, **f32),
-                 dinitial_state=new_buffer(rows, dim, N, **f32))
-        dout = dout.to(u.dtype).contiguous()
+        blocks = -(-(x["u"].shape[1] // x["groups"]) // (THREADS // bwd_slices(x["A"].shape[1])))
+        g = cuda_ext.gradient_buffers(x, blocks)
+        dout = dout.to(self.dtype).contiguous()
         dlast = None if dlast_state is None else dlast_state.float().contiguous()
-        _run(self.lib.ssmk_emulated_backward, params(**x, dout=dout, dlast_state=dlast, n_cblocks=blocks, **g),
+        _run(self.lib.ssmk_emulated_backward,
+             params(**x, states=self.buffers["states"], dout=dout, dlast_state=dlast, n_cblocks=blocks, **g),
              self.dtype)
-        return (g["du"], g["ddelta"], g["dA"].sum(0), g["dB"].sum(0), g["dC"].sum(0),
-                None if g["dD"] is None else g["dD"].sum(0), g["dz"],
-                None if g["ddelta_bias"] is None else g["ddelta_bias"].sum(0), g["dinitial_state"])
+        return cuda_ext.summed_gradients(g)
 
 
 class ParallelCall:

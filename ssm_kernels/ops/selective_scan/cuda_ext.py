@@ -65,23 +65,56 @@ def _stream(device):
     return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
+def forward_buffers(x, chunk=CHUNK_SIZE, packed=False):
+    """The forward's outputs for the layout x (_inputs): states every `chunk` steps, out, last_state."""
+    u, N, rows = x["u"], x["A"].shape[1], x["seqs"].shape[1]
+    batch, dim, seqlen = u.shape
+    f32 = dict(dtype=torch.float32, device=u.device)
+    n_slots = -(-seqlen // chunk) + (rows if packed else 0)
+    # packed: zeros, since the slots between sequences are never written and the op returns every slot
+    return dict(states=(torch.zeros if packed else new_buffer)(batch, dim, n_slots, N, **f32),
+                out=new_buffer(batch, dim, seqlen, dtype=u.dtype, device=u.device),
+                last_state=new_buffer(rows, dim, N, **f32))
+
+
+def gradient_buffers(x, blocks):
+    """The backward's outputs for the layout x: du, ddelta, dz in the activations' dtype; fp32
+    partials of dA, dinitial_state, fixed dB/dC, dD, ddelta_bias per (sequence, channel) and of
+    variable dB/dC per block of channels (`blocks` per group)."""
+    u, N, rows, groups = x["u"], x["A"].shape[1], x["seqs"].shape[1], x["groups"]
+    batch, dim, seqlen = u.shape
+    f32 = dict(dtype=torch.float32, device=u.device)
+
+    def activation():
+        return new_buffer(batch, dim, seqlen, dtype=u.dtype, device=u.device)
+
+    def state_matrix_partials(X):
+        return new_buffer(rows, dim, N, **f32) if X.dim() == 2 else new_buffer(blocks, batch, groups, N, seqlen, **f32)
+    return dict(du=activation(), ddelta=activation(), dz=None if x["z"] is None else activation(),
+                dA=new_buffer(rows, dim, N, **f32), dB=state_matrix_partials(x["B"]), dC=state_matrix_partials(x["C"]),
+                dD=None if x["D"] is None else new_buffer(rows, dim, **f32),
+                ddelta_bias=None if x["delta_bias"] is None else new_buffer(rows, dim, **f32),
+                dinitial_state=new_buffer(rows, dim, N, **f32))
+
+
+def summed_gradients(g):
+    """The nine gradients from gradient_buffers' partials, summed in a fixed order (the backward's
+    return order, in the kernels' dtypes)."""
+    def total(name):
+        return None if g[name] is None else g[name].sum(0)
+    return (g["du"], g["ddelta"], total("dA"), total("dB"), total("dC"), total("dD"), g["dz"], total("ddelta_bias"),
+            g["dinitial_state"])
+
+
 def selective_scan_fwd_cuda(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, initial_state=None, config):
     """Forward. B, C as returned by check_inputs; config a ScanConfig. Returns (out, last_state,
     chunk_states), the states every CHUNK_SIZE steps."""
     x = _inputs(u, delta, A, B, C, D, z, delta_bias, config)
-    batch, dim, seqlen = u.shape
-    rows, N = x["seqs"].shape[1], A.shape[1]
-    f32 = dict(dtype=torch.float32, device=u.device)
-    n_slots = -(-seqlen // CHUNK_SIZE) + (0 if config.cu_seqlens is None else rows)
-    # packed: zeros, since the slots between sequences are never written and the op returns every slot
-    states = (new_buffer if config.cu_seqlens is None else torch.zeros)(batch, dim, n_slots, N, **f32)
-    out = new_buffer(batch, dim, seqlen, dtype=x["u"].dtype, device=u.device)
-    last_state = new_buffer(rows, dim, N, **f32)
+    buffers = forward_buffers(x, packed=config.cu_seqlens is not None)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
-        _ext().cuda_forward(**x, states=states, initial_state=h0, out=out, last_state=last_state,
-                            stream=_stream(u.device))
-    return out.to(u.dtype), last_state, states
+        _ext().cuda_forward(**x, **buffers, initial_state=h0, stream=_stream(u.device))
+    return buffers["out"].to(u.dtype), buffers["last_state"], buffers["states"]
 
 
 def selective_scan_bwd_cuda(dout, dlast_state, u, delta, A, B, C, *, D=None, z=None, delta_bias=None, chunk_states,
@@ -89,28 +122,11 @@ def selective_scan_bwd_cuda(dout, dlast_state, u, delta, A, B, C, *, D=None, z=N
     """Backward from the forward's saved states; deterministic (partials summed in a fixed order).
     Same returns as selective_scan_bwd_torch."""
     x = _inputs(u, delta, A, B, C, D, z, delta_bias, config)
-    batch, dim, seqlen = u.shape
-    rows, N, act = x["seqs"].shape[1], A.shape[1], x["u"].dtype
-    blocks = -(-(dim // config.groups) // CHANNELS_PER_BLOCK)
-    f32 = dict(dtype=torch.float32, device=u.device)
-
-    def state_matrix_partials(X):  # fixed: per (sequence, channel); variable: per channel block
-        return new_buffer(rows, dim, N, **f32) if X.dim() == 2 else new_buffer(blocks, batch, config.groups, N, seqlen,
-                                                                                **f32)
-    g = dict(du=new_buffer(batch, dim, seqlen, dtype=act, device=u.device),
-             ddelta=new_buffer(batch, dim, seqlen, dtype=act, device=u.device),
-             dz=None if z is None else new_buffer(batch, dim, seqlen, dtype=act, device=u.device),
-             dA=new_buffer(rows, dim, N, **f32), dB=state_matrix_partials(B), dC=state_matrix_partials(C),
-             dD=None if D is None else new_buffer(rows, dim, **f32),
-             ddelta_bias=None if delta_bias is None else new_buffer(rows, dim, **f32),
-             dinitial_state=new_buffer(rows, dim, N, **f32))
+    g = gradient_buffers(x, blocks=-(-(u.shape[1] // config.groups) // CHANNELS_PER_BLOCK))
     dlast = None if dlast_state is None else dlast_state.float().contiguous()
     with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
-        _ext().cuda_backward(**x, states=chunk_states.contiguous(), dout=dout.to(act).contiguous(), dlast_state=dlast,
-                             **g, stream=_stream(u.device))
-    # the partials' sums, in a fixed order
-    return (g["du"].to(u.dtype), g["ddelta"].to(delta.dtype), g["dA"].sum(0).to(A.dtype), g["dB"].sum(0).to(B.dtype),
-            g["dC"].sum(0).to(C.dtype), None if D is None else g["dD"].sum(0).to(D.dtype),
-            None if z is None else g["dz"].to(z.dtype),
-            None if delta_bias is None else g["ddelta_bias"].sum(0).to(delta_bias.dtype), g["dinitial_state"])
-
+        _ext().cuda_backward(**x, states=chunk_states.contiguous(), dout=dout.to(x["u"].dtype).contiguous(),
+                             dlast_state=dlast, **g, stream=_stream(u.device))
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    grads = summed_gradients(g)
+    return (*(None if t is None else grad.to(t.dtype) for t, grad in zip(inputs, grads[:8])), grads[8])
